@@ -1,0 +1,5 @@
+import sys
+
+from promptkd.cli import main
+
+sys.exit(main())

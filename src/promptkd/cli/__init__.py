@@ -1,0 +1,65 @@
+"""The ``promptkd`` command. Each subcommand lives in its own module under ``promptkd.cli`` and
+exposes ``register(subparsers)``; this file only discovers them, so ``--help`` lists what exists."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module name (under promptkd.cli) for each group of subcommands, in --help order
+SUBCOMMAND_MODULES = [
+    "demo_cmd",
+    "data_cmd",
+    "teacher_cmd",
+    "class_vectors_cmd",
+    "distill_cmd",
+    "evaluate_cmd",
+    "report_cmd",
+    "predict_cmd",
+    "export_cmd",
+    "convert_cmd",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from promptkd import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="promptkd",
+        description="Unsupervised prompt distillation of CLIP-like vision-language models (PromptKD).",
+    )
+    parser.add_argument("--version", action="version", version=f"promptkd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"promptkd.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"promptkd.cli.{name}":
+                continue  # that group is not part of this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, PermissionError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"promptkd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

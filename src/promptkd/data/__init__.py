@@ -1,0 +1,1 @@
+"""Datasets, splits (base/novel, few-shot, unlabelled streams), transforms and loaders."""

@@ -1,0 +1,1 @@
+"""The one training loop (AMP, DDP, accumulation, checkpoints, resume) and distributed helpers."""

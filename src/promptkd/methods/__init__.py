@@ -1,0 +1,1 @@
+"""Learning methods built on the backbone interface: zero-shot, PromptSRC/IVLP/CoOp, PromptKD."""

@@ -1,0 +1,1 @@
+"""Model definitions: CLIP towers with prompt points, checkpoint loading, tokenizer, backbones."""

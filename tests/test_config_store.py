@@ -1,0 +1,44 @@
+import json
+
+import pytest
+import torch
+
+from promptkd import config
+from promptkd.store import ClassListMismatch, ClassVectorStore
+
+
+def test_overrides_parse_yaml_values_and_reject_unknown_keys():
+    defaults = {"optim": {"lr": 0.005, "epochs": 20}, "name": "x"}
+    cfg = config.resolve(defaults, overrides=["optim.lr=0.16", "name=y"])
+    assert cfg["optim"]["lr"] == pytest.approx(0.16) and cfg["name"] == "y"
+    assert defaults["optim"]["lr"] == 0.005  # defaults untouched
+    with pytest.raises(config.ConfigError, match="optim.lrr"):
+        config.resolve(defaults, overrides=["optim.lrr=1"])
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = {"a": {"b": [1, 2]}, "p": tmp_path}
+    path = config.save(cfg, tmp_path / "c.yaml")
+    assert config.load_yaml(path) == {"a": {"b": [1, 2]}, "p": str(tmp_path)}
+
+
+def test_store_round_trip_and_class_check(tmp_path):
+    vec = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    store = ClassVectorStore(vec, ["cat", "dog", "fish"], 100.0, {"kind": "test"})
+    path = store.save(tmp_path / "cv.safetensors")
+    loaded = ClassVectorStore.load(path, expect_classes=["cat", "dog", "fish"])
+    assert torch.equal(loaded.vectors, vec) and loaded.logit_scale == 100.0
+    assert loaded.teacher == {"kind": "test"} and loaded.fingerprint() == store.fingerprint()
+    with pytest.raises(ClassListMismatch, match="label 1"):
+        ClassVectorStore.load(path, expect_classes=["cat", "wolf", "fish"])
+    with pytest.raises(ClassListMismatch, match="2"):
+        ClassVectorStore.load(path, expect_classes=["cat", "dog"])
+
+
+def test_store_logits_match_float64_reference():
+    vec = torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
+    store = ClassVectorStore(vec, list("abcde"), 100.0)
+    feats = torch.randn(2, 4)
+    ref = 100.0 * (feats.double() / feats.double().norm(dim=-1, keepdim=True)) @ vec.double().t()
+    assert torch.allclose(store.logits(feats).double(), ref, rtol=1e-5, atol=1e-4)
+    assert json.loads(json.dumps(store.class_names)) == list("abcde")
