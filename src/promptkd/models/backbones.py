@@ -148,3 +148,32 @@ class Student(AdapterMixin):
 
     def identity(self) -> dict:
         raise NotImplementedError
+
+
+# --- rebuilding a backbone from its identity -------------------------------------------------------
+# An artefact's JSON records the backbone identity (``identity()``); to load the artefact we rebuild
+# the frozen backbone from it, then load the adapter tensors. Each backbone family registers a builder:
+# ``register_builder("clip", "teacher", fn)`` where ``fn(identity: dict, **options) -> Teacher``.
+# Options carry what the identity cannot (e.g. ``weights=`` override path, ``trust_checkpoint=``).
+
+_BUILDERS: dict[tuple[str, str], object] = {}
+_BUILDER_MODULES = {"clip": "promptkd.models.clip_backbones", "demo": "promptkd.demo.backbones"}
+
+
+def register_builder(kind: str, role: str, fn) -> None:
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role must be 'teacher' or 'student', not {role!r}")
+    _BUILDERS[(kind, role)] = fn
+
+
+def build_from_identity(identity: dict, role: str, **options) -> AdapterMixin:
+    """Rebuild a frozen backbone (without learnt tensors) from an identity dict."""
+    kind = identity.get("kind")
+    if (kind, role) not in _BUILDERS and kind in _BUILDER_MODULES:
+        import importlib
+
+        importlib.import_module(_BUILDER_MODULES[kind])  # registers its builders on import
+    if (kind, role) not in _BUILDERS:
+        known = sorted({k for k, _ in _BUILDERS} | set(_BUILDER_MODULES))
+        raise ValueError(f"no {role} builder for backbone kind {kind!r} (known kinds: {known})")
+    return _BUILDERS[(kind, role)](identity, **options)  # type: ignore[operator]
