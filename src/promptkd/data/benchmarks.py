@@ -1,0 +1,518 @@
+"""The 11 base-to-novel benchmarks and the 4 ImageNet variants, as data; plus the user's own datasets.
+
+Every benchmark is a :class:`DatasetSpec` in :data:`REGISTRY` (folder names, split file, layout rule,
+the paper's counts), laid out as in CoOp's DATASETS.md under one data root::
+
+    root/caltech-101/101_ObjectCategories/...   root/caltech-101/split_zhou_Caltech101.json
+    root/imagenet/images/{train,val}/<wnid>/...  root/imagenet/classnames.txt
+    ...
+
+:func:`load_benchmark` turns a spec into a :class:`Benchmark` of :class:`Sample` lists. Labels and
+class names follow CoOp exactly: for split-file datasets they are the split file's, for ImageNet the
+sorted wnid folders, for FGVCAircraft the line order of ``variants.txt``. Class names are returned
+ready for a text encoder: CoOp's prompt learners replace ``_`` by a space, so we do it here, once.
+``test`` is the evaluation split, as in CoOp (ImageNet's test is its ``val`` folder, which CoOp also
+uses as val). The ImageNet variants are evaluation-only; as in CoOp their train list is the test list
+(the paper's domain-generalisation runs distil on the unlabelled target test images).
+
+Problems (missing files, empty folders, class-name disagreements) are collected, not raised one at a
+time: a load reports every problem it finds in one :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+MAX_LISTED_PROBLEMS = 20
+
+
+class DataError(ValueError):
+    """Something is wrong with a dataset on disk. ``problems`` lists every issue (each names a file)."""
+
+    def __init__(self, header: str, problems: list[str]):
+        self.problems = list(problems)
+        shown = "\n  ".join(self.problems[:MAX_LISTED_PROBLEMS])
+        more = len(self.problems) - MAX_LISTED_PROBLEMS
+        tail = f"\n  ... and {more} more (run `promptkd data check` for the full list)" if more > 0 else ""
+        super().__init__(f"{header}: {len(self.problems)} problem(s):\n  {shown}{tail}")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    path: str
+    label: int
+    classname: str
+
+
+@dataclass
+class Benchmark:
+    """A dataset's class list and its train / val / test samples (labels index ``classnames``)."""
+
+    name: str
+    classnames: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    root: str = ""
+    eval_only: bool = False  # ImageNet variants: train is the (unlabelled-use) test list
+    class_ids: list[str] = field(default_factory=list)  # wnids for ImageNet and its variants
+    imagenet_indices: list[int] = field(default_factory=list)  # ImageNet-1k label of each class (A, R)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def splits(self) -> dict[str, list[Sample]]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a benchmark lives under the data root and how its labels are read."""
+
+    name: str
+    folder: str
+    layout: str  # split_json | fgvc_aircraft | imagenet | imagenet_v2 | wnid_folders
+    image_dir: str = ""
+    split_file: str = ""
+    classes: int = 0  # the paper's class count
+    paper_train: int | None = None
+    paper_test_base: int | None = None
+    paper_test_novel: int | None = None
+    paper_test: int | None = None
+    aliases: tuple[str, ...] = ()
+    subset_asset: str = ""  # packaged list of the wnids of a 200-class ImageNet subset
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def eval_only(self) -> bool:
+        return self.layout in ("imagenet_v2", "wnid_folders")
+
+
+def _split(name, folder, image_dir, split_file, classes, train, base, novel, aliases=()):
+    return DatasetSpec(name, folder, "split_json", image_dir, split_file, classes, train, base, novel,
+                       base + novel, aliases)
+
+
+REGISTRY: dict[str, DatasetSpec] = {
+    s.name: s
+    for s in [
+        DatasetSpec("ImageNet", "imagenet", "imagenet", "images", "", 1000, 1_281_167, 25_000, 25_000, 50_000),
+        _split("Caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", 100, 4128, 1549, 916),
+        _split("OxfordPets", "oxford_pets", "images", "split_zhou_OxfordPets.json", 37, 2944, 1881, 1788),
+        _split("StanfordCars", "stanford_cars", "", "split_zhou_StanfordCars.json", 196, 6509, 4002, 4039),
+        _split("Flowers102", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", 102, 4093, 1053, 1410,
+               ("OxfordFlowers", "Flowers")),
+        _split("Food101", "food-101", "images", "split_zhou_Food101.json", 101, 50_500, 15_300, 15_000),
+        DatasetSpec("FGVCAircraft", "fgvc_aircraft", "fgvc_aircraft", "images", "", 100, 3334, 1666, 1667, 3333,
+                    ("Aircraft",)),
+        _split("SUN397", "sun397", "SUN397", "split_zhou_SUN397.json", 397, 15_880, 9950, 9900),
+        _split("DTD", "dtd", "images", "split_zhou_DescribableTextures.json", 47, 2820, 864, 828,
+               ("DescribableTextures",)),
+        _split("EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json", 10, 13_500, 4200, 3900),
+        _split("UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", 101, 7639, 1934, 1849),
+        DatasetSpec("ImageNetV2", "imagenetv2", "imagenet_v2", "imagenetv2-matched-frequency-format-val",
+                    classes=1000, paper_test=10_000, aliases=("ImageNet-V2",)),
+        DatasetSpec("ImageNetSketch", "imagenet-sketch", "wnid_folders", "images", classes=1000,
+                    paper_test=50_889, aliases=("ImageNet-Sketch", "Sketch")),
+        DatasetSpec("ImageNetA", "imagenet-adversarial", "wnid_folders", "imagenet-a", classes=200,
+                    paper_test=7500, aliases=("ImageNet-A",), subset_asset="imagenet_a_synsets.txt",
+                    ignore=("README.txt",)),
+        DatasetSpec("ImageNetR", "imagenet-rendition", "wnid_folders", "imagenet-r", classes=200,
+                    paper_test=30_000, aliases=("ImageNet-R",), subset_asset="imagenet_r_synsets.txt",
+                    ignore=("README.txt",)),
+    ]
+}
+
+BASE_TO_NOVEL = [n for n, s in REGISTRY.items() if not s.eval_only]
+IMAGENET_VARIANTS = [n for n, s in REGISTRY.items() if s.eval_only]
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "").replace(" ", "")
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The spec for a benchmark name (case, '-' and '_' insensitive; aliases such as OxfordFlowers)."""
+    wanted = _key(name)
+    for spec in REGISTRY.values():
+        if wanted in {_key(spec.name), *map(_key, spec.aliases)}:
+            return spec
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(REGISTRY)}")
+
+
+def prompt_name(raw: str) -> str:
+    """CoOp's class-name clean-up before prompting: underscores become spaces."""
+    return raw.replace("_", " ").strip()
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _subdirs(folder: Path, ignore: Iterable[str] = ()) -> list[str]:
+    skip = set(ignore)
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".") and e.name not in skip)
+
+
+def _images_in(folder: Path, recursive: bool = False) -> list[str]:
+    """Sorted image paths in a folder (sorted so every machine lists the same order)."""
+    if recursive:
+        out = [str(Path(dp) / f) for dp, dns, fs in os.walk(folder) for f in fs if is_image_file(f)]
+        return sorted(out)
+    return sorted(str(folder / e.name) for e in os.scandir(folder) if e.is_file() and is_image_file(e.name))
+
+
+def read_classnames_file(path: Path) -> dict[str, str]:
+    """``wnid class name`` lines (CoOp's ImageNet classnames.txt) -> ordered {wnid: name}."""
+    out: dict[str, str] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.strip().split(" ", 1)
+        if len(parts) != 2:
+            raise DataError(str(path), [f"{path}:{lineno}: expected 'wnid class name', got {line!r}"])
+        out[parts[0]] = parts[1].strip()
+    return out
+
+
+def packaged_asset(name: str) -> Path:
+    return Path(str(resources.files("promptkd.data") / "assets" / name))
+
+
+def imagenet_classnames(root: Path, own_folder: Path | None = None) -> tuple[dict[str, str], Path]:
+    """ImageNet's {wnid: name}: the dataset's own classnames.txt, else imagenet/classnames.txt, else packaged."""
+    for candidate in ([own_folder / "classnames.txt"] if own_folder else []) + [root / "imagenet" / "classnames.txt"]:
+        if candidate.is_file():
+            return read_classnames_file(candidate), candidate
+    asset = packaged_asset("imagenet_classnames.txt")
+    return read_classnames_file(asset), asset
+
+
+def _samples_from_entries(entries, prefix: Path, where: str, problems: list[str]) -> list[tuple[str, int, str]]:
+    out = []
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[1], int)):
+            problems.append(f"{where}[{i}]: expected [relative path, int label, class name], got {entry!r}")
+            continue
+        out.append((str(prefix / entry[0]), int(entry[1]), str(entry[2])))
+    return out
+
+
+def _assemble(name: str, splits: dict[str, list[tuple[str, int, str]]], source: str, problems: list[str],
+              check_files: bool) -> tuple[list[str], dict[str, list[Sample]]]:
+    """Check labels are 0..N-1 with one name each, optionally that files exist; build Samples."""
+    names: dict[int, str] = {}
+    for split, rows in splits.items():
+        for path, label, raw in rows:
+            prev = names.setdefault(label, raw)
+            if prev != raw:
+                problems.append(f"{source}: label {label} is called {prev!r} and {raw!r} ({split}: {path})")
+                names[label] = prev
+    n = max(names) + 1 if names else 0
+    missing_labels = sorted(set(range(n)) - set(names))
+    if missing_labels or any(lab < 0 for lab in names):
+        problems.append(f"{source}: labels must be 0..{n - 1} with no gaps; missing {missing_labels[:10]}")
+    if check_files:
+        for rows in splits.values():
+            problems.extend(f"{path}: listed in {source} but missing" for path, _, _ in rows if not os.path.isfile(path))
+    classnames = [prompt_name(names.get(i, f"class_{i}")) for i in range(n)]
+    out = {s: [Sample(p, lab, classnames[lab] if 0 <= lab < n else str(lab)) for p, lab, _ in rows]
+           for s, rows in splits.items()}
+    return classnames, out
+
+
+def _load_split_json(spec: DatasetSpec, folder: Path, problems: list[str], check_files: bool):
+    split_path = folder / spec.split_file
+    if not split_path.is_file():
+        problems.append(f"{split_path}: split file missing (CoOp's DATASETS.md explains where to get it)")
+        return None
+    try:
+        data = json.loads(split_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problems.append(f"{split_path}: not valid JSON ({exc})")
+        return None
+    if not isinstance(data, dict) or not {"train", "val", "test"} <= set(data):
+        problems.append(f"{split_path}: expected an object with 'train', 'val' and 'test' lists")
+        return None
+    prefix = folder / spec.image_dir if spec.image_dir else folder
+    if not prefix.is_dir():
+        problems.append(f"{prefix}: image folder missing")
+        check_files = False
+    rows = {s: _samples_from_entries(data[s], prefix, f"{split_path}:{s}", problems) for s in ("train", "val", "test")}
+    classnames, splits = _assemble(spec.name, rows, str(split_path), problems, check_files)
+    return Benchmark(spec.name, classnames, splits["train"], splits["val"], splits["test"], str(folder))
+
+
+def _load_fgvc(spec: DatasetSpec, folder: Path, problems: list[str], check_files: bool):
+    variants_path = folder / "variants.txt"
+    if not variants_path.is_file():
+        problems.append(f"{variants_path}: class list missing")
+        return None
+    variants = [line.strip() for line in variants_path.read_text().splitlines() if line.strip()]
+    label_of = {v: i for i, v in enumerate(variants)}
+    rows: dict[str, list[tuple[str, int, str]]] = {}
+    for split in ("train", "val", "test"):
+        list_path = folder / f"images_variant_{split}.txt"
+        rows[split] = []
+        if not list_path.is_file():
+            problems.append(f"{list_path}: image list missing")
+            continue
+        for lineno, line in enumerate(list_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            image_id, _, variant = line.strip().partition(" ")
+            if variant not in label_of:
+                problems.append(f"{list_path}:{lineno}: variant {variant!r} is not in {variants_path}")
+                continue
+            rows[split].append((str(folder / spec.image_dir / f"{image_id}.jpg"), label_of[variant], variant))
+    _, splits = _assemble(spec.name, rows, str(folder), problems, check_files)
+    classnames = [prompt_name(v) for v in variants]
+    splits = {s: [Sample(x.path, x.label, classnames[x.label]) for x in v] for s, v in splits.items()}
+    return Benchmark(spec.name, classnames, splits["train"], splits["val"], splits["test"], str(folder))
+
+
+def _scan_class_folders(split_dir: Path, folders: list[str], label_of: dict[str, int], names: list[str],
+                        problems: list[str]) -> list[Sample]:
+    out: list[Sample] = []
+    for folder in folders:
+        images = _images_in(split_dir / folder)
+        if not images:
+            problems.append(f"{split_dir / folder}: class folder has no images")
+        label = label_of[folder]
+        out.extend(Sample(p, label, names[label]) for p in images)
+    return out
+
+
+def _load_imagenet(spec: DatasetSpec, folder: Path, problems: list[str], check_files: bool):
+    names_by_wnid, names_source = imagenet_classnames(folder.parent, folder)
+    image_root = folder / spec.image_dir
+    split_dirs = {"train": image_root / "train", "val": image_root / "val"}
+    found: dict[str, list[str]] = {}
+    for split, d in split_dirs.items():
+        if not d.is_dir():
+            problems.append(f"{d}: folder missing")
+            continue
+        found[split] = _subdirs(d)
+        if not found[split] and any(is_image_file(e.name) for e in os.scandir(d)):
+            problems.append(f"{d}: images must be in one folder per wnid (CoOp's DATASETS.md: sort val into class folders)")
+    if "train" not in found:
+        return None
+    wnids = found["train"]
+    unknown = [w for w in wnids if w not in names_by_wnid]
+    problems.extend(f"{names_source}: no class name for folder {split_dirs['train'] / w}" for w in unknown)
+    val_set = set(found.get("val", wnids))
+    problems.extend(f"{split_dirs['val'] / w}: class folder missing (present in train)" for w in wnids if w not in val_set)
+    problems.extend(f"{split_dirs['val'] / w}: class folder not in train" for w in sorted(val_set - set(wnids)))
+    label_of = {w: i for i, w in enumerate(wnids)}
+    classnames = [prompt_name(names_by_wnid.get(w, w)) for w in wnids]
+    train = _scan_class_folders(split_dirs["train"], wnids, label_of, classnames, problems)
+    test = _scan_class_folders(split_dirs["val"], [w for w in found.get("val", []) if w in label_of],
+                               label_of, classnames, problems)
+    return Benchmark(spec.name, classnames, train, list(test), test, str(folder), class_ids=wnids)
+
+
+def _load_imagenet_v2(spec: DatasetSpec, folder: Path, problems: list[str], check_files: bool):
+    names_by_wnid, names_source = imagenet_classnames(folder.parent, folder)
+    wnids = list(names_by_wnid)
+    classnames = [prompt_name(names_by_wnid[w]) for w in wnids]
+    image_root = folder / spec.image_dir
+    if not image_root.is_dir():
+        problems.append(f"{image_root}: folder missing")
+        return None
+    folders = _subdirs(image_root)
+    bad = [f for f in folders if not (f.isdigit() and int(f) < len(wnids))]
+    problems.extend(f"{image_root / f}: expected a folder named by an ImageNet label 0..{len(wnids) - 1} "
+                    f"(classes from {names_source})" for f in bad)
+    labels = sorted(int(f) for f in folders if f not in bad)
+    problems.extend(f"{image_root / str(lab)}: class folder missing" for lab in sorted(set(range(len(wnids))) - set(labels)))
+    label_of = {str(lab): lab for lab in labels}
+    test = _scan_class_folders(image_root, [str(lab) for lab in labels], label_of, classnames, problems)
+    return Benchmark(spec.name, classnames, list(test), [], test, str(folder), eval_only=True, class_ids=wnids)
+
+
+def _load_wnid_folders(spec: DatasetSpec, folder: Path, problems: list[str], check_files: bool):
+    """ImageNet-Sketch, -A, -R: one folder per wnid; labels follow sorted folders, as in CoOp."""
+    names_by_wnid, names_source = imagenet_classnames(folder.parent, folder)
+    image_root = folder / spec.image_dir
+    if not image_root.is_dir():
+        problems.append(f"{image_root}: folder missing")
+        return None
+    wnids = _subdirs(image_root, spec.ignore)
+    allowed = set(packaged_asset(spec.subset_asset).read_text().split()) if spec.subset_asset else set(names_by_wnid)
+    problems.extend(f"{image_root / w}: not a class of {spec.name}" for w in wnids if w not in allowed)
+    problems.extend(f"{names_source}: no class name for folder {image_root / w}"
+                    for w in wnids if w in allowed and w not in names_by_wnid)
+    wnids = [w for w in wnids if w in allowed]
+    if len(wnids) < len(allowed):
+        warnings.warn(f"{image_root}: {len(wnids)} of {spec.name}'s {len(allowed)} class folders present", stacklevel=3)
+    label_of = {w: i for i, w in enumerate(wnids)}
+    classnames = [prompt_name(names_by_wnid.get(w, w)) for w in wnids]
+    test = _scan_class_folders(image_root, wnids, label_of, classnames, problems)
+    imagenet_order = {w: i for i, w in enumerate(packaged_imagenet_wnids())}
+    indices = [imagenet_order.get(w, -1) for w in wnids]
+    return Benchmark(spec.name, classnames, list(test), [], test, str(folder), eval_only=True,
+                     class_ids=wnids, imagenet_indices=indices)
+
+
+def packaged_imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k wnids in label order."""
+    return list(read_classnames_file(packaged_asset("imagenet_classnames.txt")))
+
+
+_LOADERS = {
+    "split_json": _load_split_json,
+    "fgvc_aircraft": _load_fgvc,
+    "imagenet": _load_imagenet,
+    "imagenet_v2": _load_imagenet_v2,
+    "wnid_folders": _load_wnid_folders,
+}
+
+
+def collect_benchmark(root: str | os.PathLike, name: str, problems: list[str], *, check_files: bool = True
+                      ) -> Benchmark | None:
+    """Load a benchmark, appending every problem to ``problems``; None when it cannot be read at all."""
+    spec = get_spec(name)
+    folder = Path(root).expanduser() / spec.folder
+    if not folder.is_dir():
+        problems.append(f"{folder}: dataset folder missing (expected CoOp's layout: <root>/{spec.folder})")
+        return None
+    return _LOADERS[spec.layout](spec, folder, problems, check_files)
+
+
+def load_benchmark(root: str | os.PathLike, name: str, *, check_files: bool = True) -> Benchmark:
+    """Read benchmark ``name`` under data ``root`` (CoOp layout); raise :class:`DataError` listing all problems.
+
+    ``check_files`` verifies that every image named by a split file exists (folder-scanned datasets
+    always list what exists)."""
+    problems: list[str] = []
+    bench = collect_benchmark(root, name, problems, check_files=check_files)
+    if problems or bench is None:
+        raise DataError(f"{get_spec(name).name} under {root}", problems)
+    return bench
+
+
+# ---------------------------------------------------------------------------------------------------
+# the user's own data
+
+
+def _folder_split(folder: Path, problems: list[str]) -> dict[str, list[str]]:
+    classes = _subdirs(folder)
+    out: dict[str, list[str]] = {}
+    for c in classes:
+        images = _images_in(folder / c, recursive=True)
+        if not images:
+            problems.append(f"{folder / c}: class folder has no images")
+        out[c] = images
+    return out
+
+
+def load_image_folder(root: str | os.PathLike, *, name: str | None = None, holdout: float = 0.0,
+                      seed: int = 0) -> Benchmark:
+    """A folder per class (sorted folder names -> labels 0..N-1), or ``train/``, ``val/``, ``test/``
+    sub-folders each holding the same class folders. Without a test folder, ``holdout`` moves that
+    fraction of each class (chosen with ``random.Random(seed)``) to test."""
+    import random
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(str(root), [f"{root}: folder missing"])
+    problems: list[str] = []
+    has_splits = (root / "train").is_dir()
+    parts = {s: _folder_split(root / s, problems) for s in ("train", "val", "test") if (root / s).is_dir()} \
+        if has_splits else {"train": _folder_split(root, problems)}
+    classes = sorted(parts["train"])
+    if not classes:
+        problems.append(f"{root}: no class folders found (expected one sub-folder of images per class)")
+    for split, by_class in parts.items():
+        problems.extend(f"{root / split / c}: class folder not in train" for c in by_class if c not in parts["train"])
+    if problems:
+        raise DataError(str(root), problems)
+    if "test" not in parts and holdout > 0:
+        rng = random.Random(seed)
+        parts["test"] = {}
+        for c in classes:
+            images = list(parts["train"][c])
+            n_test = min(len(images) - 1, round(len(images) * holdout))
+            picked = set(rng.sample(images, n_test)) if n_test > 0 else set()
+            parts["train"][c] = [p for p in images if p not in picked]
+            parts["test"][c] = [p for p in images if p in picked]
+    names = [prompt_name(c) for c in classes]
+
+    def samples(split: str) -> list[Sample]:
+        by_class = parts.get(split, {})
+        return [Sample(p, i, names[i]) for i, c in enumerate(classes) for p in by_class.get(c, [])]
+
+    return Benchmark(name or root.name, names, samples("train"), samples("val"), samples("test"), str(root))
+
+
+def _rows_from_list(path: Path, problems: list[str]) -> list[dict]:
+    import csv
+
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):  # CoOp split structure
+            return [{"path": e[0], "label": e[1], "classname": e[2], "split": s}
+                    for s in ("train", "val", "test") for e in data.get(s, [])]
+        if isinstance(data, list):
+            return [dict(r) for r in data if isinstance(r, dict)]
+        problems.append(f"{path}: expected a list of objects or a {{train, val, test}} split object")
+        return []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "path" not in reader.fieldnames:
+            problems.append(f"{path}: CSV needs a header with 'path' and 'label' and/or 'classname' columns")
+            return []
+        return list(reader)
+
+
+def load_list(list_file: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
+              name: str | None = None, check_files: bool = True) -> Benchmark:
+    """A CSV (header: path, label and/or classname, optional split) or JSON list of images.
+
+    Relative paths are resolved against ``image_root`` (default: the list file's folder). With class
+    names only, labels follow sorted names; with labels only, names are the label numbers."""
+    list_file = Path(list_file).expanduser()
+    if not list_file.is_file():
+        raise DataError(str(list_file), [f"{list_file}: list file missing"])
+    base = Path(image_root).expanduser() if image_root else list_file.parent
+    problems: list[str] = []
+    rows = _rows_from_list(list_file, problems)
+    parsed: dict[str, list[tuple[str, int | None, str | None]]] = {"train": [], "val": [], "test": []}
+    for i, row in enumerate(rows):
+        split = (row.get("split") or "train").strip()
+        label, cname = row.get("label"), row.get("classname") or row.get("class")
+        if split not in parsed or not row.get("path") or (label in (None, "") and not cname):
+            problems.append(f"{list_file}: entry {i + 1} needs path, label or classname, split in train/val/test: {row}")
+            continue
+        parsed[split].append((str(base / str(row["path"])), None if label in (None, "") else int(label), cname))
+    if not any(parsed.values()) and not problems:
+        problems.append(f"{list_file}: no entries")
+    names_known = sorted({c for rs in parsed.values() for _, lab, c in rs if c and lab is None})
+    auto = {c: i for i, c in enumerate(names_known)}
+    full = {s: [(p, lab if lab is not None else auto[c], c if c else str(lab)) for p, lab, c in rs]
+            for s, rs in parsed.items()}
+    if problems:
+        raise DataError(str(list_file), problems)
+    classnames, splits = _assemble(name or list_file.stem, full, str(list_file), problems, check_files)
+    if problems:
+        raise DataError(str(list_file), problems)
+    return Benchmark(name or list_file.stem, classnames, splits["train"], splits["val"], splits["test"], str(base))
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """Every image under ``folder`` (recursive, sorted): an unlabelled set for distillation."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(str(folder), [f"{folder}: folder missing"])
+    images = _images_in(folder, recursive=True)
+    if not images:
+        raise DataError(str(folder), [f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) found"])
+    return images

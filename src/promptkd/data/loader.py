@@ -1,0 +1,290 @@
+"""Datasets that yield dict samples, robust image decoding, and the DataLoader factory.
+
+Samples (ARCHITECTURE.md "Contracts"):
+
+* :class:`LabelledImages` -> ``{"image": FloatTensor[3,H,W], "label": int, "index": int}``
+* :class:`UnlabelledImages` -> ``{"image": ..., "index": int}``; it is built from paths only and has
+  no label anywhere, so a stage-2 method cannot see one.
+
+Augmentation randomness comes from a ``torch.Generator`` seeded from ``(seed, epoch, index)`` and
+passed to the transform (``transform(pil_image, generator=g)``), so an image's augmentation does not
+depend on the number of workers, and a resumed run reproduces it. The epoch travels with every index
+(the sampler yields ``(epoch, index)`` pairs), so persistent workers see ``set_epoch`` at once.
+
+Unreadable images never crash a long run silently: with ``on_bad_image="error"`` the first one raises
+:class:`BadImageError` naming the file; with ``"skip"`` (default) the next readable sample is used
+instead, the file is logged (workers append to a small log file), and ``set_epoch`` /
+:meth:`bad_images` report every bad path at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+Transform = Callable[..., torch.Tensor]
+MAX_CONSECUTIVE_BAD = 16
+
+
+class BadImageError(RuntimeError):
+    """An image file could not be read or decoded; the message names the file."""
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's augmentation, the same on every machine and worker count."""
+    entropy = [int(seed) % 2**64, int(epoch) % 2**64, int(index) % 2**64]
+    state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def read_image(path: str) -> Image.Image:
+    """Decode an image file to RGB; raises :class:`BadImageError` naming the file on any failure."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as exc:
+        raise BadImageError(f"{path}: image file missing") from exc
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise BadImageError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+
+
+def _remove_if_owner(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid and os.path.exists(path):
+        os.remove(path)
+
+
+class _ImageDataset(Dataset):
+    """Shared machinery: decoding, per-sample generators, epochs, bad-image log."""
+
+    def __init__(self, paths: Sequence[str], transform: Transform, *, seed: int = 0, on_bad_image: str = "skip"):
+        if on_bad_image not in ("skip", "error"):
+            raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+        if transform is None:
+            raise ValueError("a transform is required (e.g. promptkd.data.transforms.Preprocess)")
+        self._paths = tuple(os.fspath(p) for p in paths)
+        self.transform = transform
+        self.seed = int(seed)
+        self.on_bad_image = on_bad_image
+        self.epoch = 0
+        self.bad_seen: dict[str, str] = {}  # every bad path reported so far (main process)
+        self._bad_here = 0  # bad images met in this process (each worker has its own copy)
+        self._bad_log = os.path.join(tempfile.gettempdir(), f"promptkd-bad-images-{uuid.uuid4().hex}.tsv")
+        weakref.finalize(self, _remove_if_owner, self._bad_log, os.getpid())
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch``: report the bad images met since the last call, then reseed augmentations."""
+        self.report_bad_images()
+        self.epoch = int(epoch)
+
+    def bad_images(self) -> dict[str, str]:
+        """{path: reason} for images found unreadable (in any worker) since the last report."""
+        out: dict[str, str] = {}
+        if os.path.exists(self._bad_log):
+            with open(self._bad_log) as f:
+                for line in f:
+                    path, _, reason = line.rstrip("\n").partition("\t")
+                    out[path] = reason
+        return out
+
+    def report_bad_images(self) -> dict[str, str]:
+        """Warn once about the images replaced since the last report; return them and clear the log."""
+        bad = self.bad_images()
+        if bad:
+            listed = "\n  ".join(f"{reason}" for reason in list(bad.values())[:20])
+            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+            warnings.warn(f"epoch {self.epoch}: {len(bad)} unreadable image(s) were replaced by the next "
+                          f"readable sample:\n  {listed}{more}", stacklevel=2)
+            self.bad_seen.update(bad)
+            os.remove(self._bad_log)
+        return bad
+
+    def _record_bad(self, path: str, reason: str) -> None:
+        with open(self._bad_log, "a") as f:
+            f.write(f"{path}\t{reason}\n")
+
+    def _image(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        if not 0 <= index < len(self._paths):
+            raise IndexError(f"index {index} out of range for {len(self._paths)} images")
+        tried = []
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            i = (index + attempt) % len(self._paths)
+            try:
+                img = read_image(self._paths[i])
+            except BadImageError as exc:
+                if self.on_bad_image == "error":
+                    raise
+                self._record_bad(self._paths[i], str(exc))
+                self._bad_here += 1
+                if self._bad_here <= 10:  # say it now too (long epochs); the full list comes at epoch end
+                    warnings.warn(f"skipping unreadable image: {exc}", stacklevel=2)
+                tried.append(str(exc))
+                continue
+            g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(img, generator=g), i
+        raise BadImageError(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from index {index}:\n  "
+                            + "\n  ".join(tried))
+
+
+class LabelledImages(_ImageDataset):
+    """``{"image", "label", "index"}`` for each sample (anything with ``.path`` and ``.label``)."""
+
+    def __init__(self, samples: Sequence[Any], transform: Transform, *, seed: int = 0, on_bad_image: str = "skip"):
+        super().__init__([s.path for s in samples], transform, seed=seed, on_bad_image=on_bad_image)
+        self.labels = tuple(int(s.label) for s in samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        image, i = self._image(key)
+        return {"image": image, "label": self.labels[i], "index": i}
+
+
+class UnlabelledImages(_ImageDataset):
+    """``{"image", "index"}`` for each image path. Takes PATHS only: there is no label to leak."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], transform: Transform, *, seed: int = 0,
+                 on_bad_image: str = "skip"):
+        for p in paths:
+            if not isinstance(p, (str, os.PathLike)):
+                raise TypeError(f"UnlabelledImages takes image paths only, got {type(p).__name__} "
+                                "(use promptkd.data.splits.unlabelled_paths to drop labels)")
+        super().__init__(paths, transform, seed=seed, on_bad_image=on_bad_image)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return self._paths
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        image, i = self._image(key)
+        return {"image": image, "index": i}
+
+
+# ---------------------------------------------------------------------------------------------------
+# samplers and the loader
+
+
+class SeededShuffle(Sampler[int]):
+    """A permutation per epoch from ``(seed, epoch)``: independent of the global RNG, resumable."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``w`` takes indices r, r+w, ... in order: evaluation without padding or repeats."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class EpochTagged(Sampler[tuple[int, int]]):
+    """Wraps a sampler to yield ``(epoch, index)``; can skip the first ``start`` items (resume)."""
+
+    def __init__(self, base: Sampler[int], dataset: _ImageDataset):
+        self.base, self.dataset, self.start = base, dataset, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.dataset.epoch
+        for n, i in enumerate(self.base):
+            if n >= self.start:
+                yield epoch, i
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.start)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader with ``set_epoch(epoch, start_batch=0)`` (dataset seeds, sampler order, resume)."""
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start=start_batch * (self.batch_size or 1))
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decode + augmentation is per-sample work; avoid oversubscribing cores
+
+
+def _rank_world(distributed: Any) -> tuple[int, int]:
+    if distributed is None:
+        return 0, 1
+    if isinstance(distributed, (tuple, list)):
+        rank, world = distributed
+    elif isinstance(distributed, dict):
+        rank, world = distributed["rank"], distributed["world_size"]
+    else:
+        rank, world = distributed.rank, distributed.world_size
+    if not 0 <= int(rank) < int(world):
+        raise ValueError(f"rank {rank} is not in 0..{int(world) - 1}")
+    return int(rank), int(world)
+
+
+def make_loader(dataset: _ImageDataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
+                seed: int = 0, drop_last: bool = False, distributed: Any = None, *,
+                pin_memory: bool | None = None, prefetch_factor: int = 4) -> EpochLoader:
+    """A DataLoader of dict batches over one of our datasets.
+
+    ``distributed`` is None, ``(rank, world_size)``, a dict or an object with ``rank``/``world_size``.
+    Training (``shuffle=True``) uses ``DistributedSampler`` (same permutation on all ranks for an
+    epoch, padded to equal length); evaluation (``shuffle=False``) gives rank r the samples r, r+w, ...
+    with no padding, so gathering every rank's predictions counts each sample once. Call
+    ``loader.set_epoch(epoch)`` before each epoch (``start_batch`` to resume mid-epoch)."""
+    if not isinstance(dataset, _ImageDataset):
+        raise TypeError("make_loader expects LabelledImages or UnlabelledImages")
+    rank, world = _rank_world(distributed)
+    n = len(dataset)
+    if world > 1 and shuffle:
+        base: Sampler[int] = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                                drop_last=drop_last)
+    elif world > 1:
+        base = ShardSampler(n, rank, world)
+    elif shuffle:
+        base = SeededShuffle(n, seed)
+    else:
+        base = range(n)  # type: ignore[assignment]
+    sampler = EpochTagged(base, dataset)
+    workers = max(0, int(num_workers))
+    return EpochLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=prefetch_factor if workers > 0 else None,
+        worker_init_fn=_worker_init if workers > 0 else None,
+    )
