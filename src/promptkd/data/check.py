@@ -1,0 +1,133 @@
+"""``promptkd data check``: validate a data root and compare its counts with the paper's.
+
+Every problem of every dataset is collected in one run (missing split files, missing images, empty
+class folders, class-name disagreements; with ``verify_images`` also every image that does not
+decode), so a user fixes them all at once instead of one crash at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from promptkd.data.benchmarks import REGISTRY, Benchmark, collect_benchmark, get_spec
+from promptkd.data.loader import BadImageError, read_image
+from promptkd.data.splits import base_novel_split
+
+
+@dataclass
+class DatasetReport:
+    name: str
+    folder: str
+    present: bool
+    counts: dict[str, int | None] = field(default_factory=dict)  # classes, train, test, test_base, test_novel
+    paper: dict[str, int | None] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mismatches(self) -> list[str]:
+        return [k for k, v in self.paper.items() if v is not None and self.counts.get(k) not in (None, v)]
+
+    def ok(self, strict: bool = False) -> bool:
+        return not self.problems and not (strict and self.mismatches)
+
+
+def _counts(bench: Benchmark) -> dict[str, int | None]:
+    out: dict[str, int | None] = {"classes": bench.num_classes, "train": None if bench.eval_only else len(bench.train),
+                                  "test": len(bench.test), "test_base": None, "test_novel": None}
+    if not bench.eval_only:
+        halves = base_novel_split(bench)
+        out["test_base"], out["test_novel"] = len(halves.base.test), len(halves.novel.test)
+    return out
+
+
+def _verify_images(bench: Benchmark, progress: bool) -> list[str]:
+    from tqdm import tqdm
+
+    paths = sorted({s.path for split in (bench.train, bench.val, bench.test) for s in split})
+    problems = []
+    for path in tqdm(paths, desc=f"decoding {bench.name}", unit="img", disable=not progress, leave=False):
+        if not os.path.isfile(path):
+            continue  # already reported as missing
+        try:
+            read_image(path)
+        except BadImageError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def check_dataset(root: str | os.PathLike, name: str, *, verify_images: bool = False,
+                  progress: bool = False) -> DatasetReport:
+    """Load one benchmark collecting all its problems; counts next to the paper's."""
+    spec = get_spec(name)
+    folder = Path(root).expanduser() / spec.folder
+    paper = {"classes": spec.classes, "train": spec.paper_train, "test": spec.paper_test,
+             "test_base": spec.paper_test_base, "test_novel": spec.paper_test_novel}
+    report = DatasetReport(spec.name, str(folder), folder.is_dir(), paper=paper)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bench = collect_benchmark(root, spec.name, report.problems, check_files=True)
+    report.notes.extend(str(w.message) for w in caught)
+    if spec.layout in ("imagenet", "imagenet_v2", "wnid_folders") and report.present \
+            and not (folder / "classnames.txt").is_file():
+        source = Path(root).expanduser() / "imagenet" / "classnames.txt"
+        report.notes.append(f"no {folder / 'classnames.txt'}: class names read from "
+                            f"{source if source.is_file() else 'the packaged ImageNet list'}")
+    if bench is not None:
+        report.counts = _counts(bench)
+        if verify_images:
+            report.problems.extend(_verify_images(bench, progress))
+    return report
+
+
+def check_root(root: str | os.PathLike, names: list[str] | None = None, *, verify_images: bool = False,
+               progress: bool = False) -> list[DatasetReport]:
+    """Check the named datasets, or every benchmark whose folder exists under ``root``."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} does not exist")
+    if names:
+        wanted = [get_spec(n).name for n in names]
+    else:
+        wanted = [n for n, s in REGISTRY.items() if (root / s.folder).is_dir()]
+        if not wanted:
+            raise FileNotFoundError(
+                f"no benchmark folder under {root} (expected CoOp's layout, e.g. {root}/caltech-101, {root}/imagenet)")
+    return [check_dataset(root, n, verify_images=verify_images, progress=progress) for n in wanted]
+
+
+def _cell(value: int | None, paper: int | None) -> str:
+    if value is None:
+        return "-"
+    if paper is None:
+        return f"{value:,}"
+    return f"{value:,}" if value == paper else f"{value:,} (paper {paper:,}) *"
+
+
+def format_reports(reports: list[DatasetReport], *, max_problems: int = 50) -> str:
+    """A readable table (counts, * where they differ from the paper), then every problem per dataset."""
+    columns = ["classes", "train", "test", "test_base", "test_novel"]
+    rows = [["dataset", *columns, "status"]]
+    for r in reports:
+        status = "ok" if not r.problems else f"{len(r.problems)} problem(s)"
+        rows.append([r.name, *[_cell(r.counts.get(c), r.paper.get(c)) for c in columns], status])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    if any(r.mismatches for r in reports):
+        lines.append("* differs from the paper's count")
+    for r in reports:
+        if r.problems or r.notes:
+            lines.append("")
+            lines.append(f"{r.name} ({r.folder}):")
+        lines.extend(f"  note: {n}" for n in r.notes)
+        lines.extend(f"  {p}" for p in r.problems[:max_problems])
+        if len(r.problems) > max_problems:
+            lines.append(f"  ... and {len(r.problems) - max_problems} more (--max-problems 0 lists all)")
+    return "\n".join(lines)
+
+
+def reports_as_json(reports: list[DatasetReport]) -> list[dict]:
+    return [{**asdict(r), "ok": r.ok(), "mismatches": r.mismatches} for r in reports]
