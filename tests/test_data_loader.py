@@ -158,3 +158,12 @@ def test_grayscale_and_png_decode_to_rgb(tmp_path):
     assert ds[0]["image"].shape == (3, 16, 16) and ds[1]["image"].shape == (3, 16, 16)
     with pytest.raises(ValueError, match="on_bad_image"):
         UnlabelledImages([], RandomCrop(), on_bad_image="ignore")
+
+
+def test_iterating_again_without_set_epoch_moves_on(bench):
+    ds = LabelledImages(bench.train, RandomCrop(), seed=2)
+    loader = make_loader(ds, batch_size=12, shuffle=True, seed=5)
+    first, second = next(iter(loader)), next(iter(loader))
+    assert ds.epoch == 1 and not torch.equal(first["index"], second["index"])
+    loader.set_epoch(0)
+    assert torch.equal(next(iter(loader))["image"], first["image"])

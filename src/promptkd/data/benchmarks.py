@@ -281,8 +281,10 @@ def _load_fgvc(spec: DatasetSpec, folder: Path, problems: list[str], check_files
 
 def _scan_class_folders(split_dir: Path, folders: list[str], label_of: dict[str, int], names: list[str],
                         problems: list[str]) -> list[Sample]:
+    from tqdm import tqdm
+
     out: list[Sample] = []
-    for folder in folders:
+    for folder in tqdm(folders, desc=f"listing {split_dir}", unit="class", leave=False, disable=len(folders) < 200):
         images = _images_in(split_dir / folder)
         if not images:
             problems.append(f"{split_dir / folder}: class folder has no images")
@@ -380,7 +382,7 @@ def collect_benchmark(root: str | os.PathLike, name: str, problems: list[str], *
                       ) -> Benchmark | None:
     """Load a benchmark, appending every problem to ``problems``; None when it cannot be read at all."""
     spec = get_spec(name)
-    folder = Path(root).expanduser() / spec.folder
+    folder = Path(root).expanduser().absolute() / spec.folder
     if not folder.is_dir():
         problems.append(f"{folder}: dataset folder missing (expected CoOp's layout: <root>/{spec.folder})")
         return None

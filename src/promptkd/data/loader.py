@@ -228,10 +228,22 @@ class EpochTagged(Sampler[tuple[int, int]]):
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader with ``set_epoch(epoch, start_batch=0)`` (dataset seeds, sampler order, resume)."""
+    """A DataLoader with ``set_epoch(epoch, start_batch=0)`` (dataset seeds, sampler order, resume).
+
+    Iterating again without calling ``set_epoch`` moves to the next epoch by itself, so a loop that
+    forgets it still gets fresh orders and augmentations (but only ``set_epoch`` makes resume exact)."""
+
+    _epoch_pending = True  # set_epoch (or the first iteration) has chosen the epoch of the next pass
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start=start_batch * (self.batch_size or 1))
+        self._epoch_pending = True
+
+    def __iter__(self):
+        if not self._epoch_pending:
+            self.set_epoch(self.sampler.dataset.epoch + 1)
+        self._epoch_pending = False
+        return super().__iter__()
 
 
 def _worker_init(_: int) -> None:
@@ -254,7 +266,7 @@ def _rank_world(distributed: Any) -> tuple[int, int]:
 
 def make_loader(dataset: _ImageDataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
                 seed: int = 0, drop_last: bool = False, distributed: Any = None, *,
-                pin_memory: bool | None = None, prefetch_factor: int = 4) -> EpochLoader:
+                pin_memory: bool | None = None, prefetch_factor: int = 2) -> EpochLoader:
     """A DataLoader of dict batches over one of our datasets.
 
     ``distributed`` is None, ``(rank, world_size)``, a dict or an object with ``rank``/``world_size``.
