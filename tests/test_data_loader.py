@@ -167,3 +167,13 @@ def test_iterating_again_without_set_epoch_moves_on(bench):
     assert ds.epoch == 1 and not torch.equal(first["index"], second["index"])
     loader.set_epoch(0)
     assert torch.equal(next(iter(loader))["image"], first["image"])
+
+
+def test_path_table_round_trips_unicode_paths():
+    from promptkd.data.loader import PathTable
+
+    paths = ["/d/a.jpg", "/d/ümlaut/é.png", "", "rel/x.JPEG"]
+    table = PathTable(paths)
+    assert list(table) == paths and len(table) == 4 and table[-1] == "rel/x.JPEG"
+    with pytest.raises(IndexError):
+        table[4]

@@ -58,6 +58,31 @@ def read_image(path: str) -> Image.Image:
         raise BadImageError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
 
 
+class PathTable:
+    """Paths packed in two numpy arrays (UTF-8 bytes + offsets) instead of a list of str objects.
+
+    Forked DataLoader workers touching millions of Python objects copy their pages (refcounts);
+    numpy buffers stay shared, so ImageNet-size lists cost their size once, not once per worker."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        encoded = [os.fsencode(p) for p in paths]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self._data = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return os.fsdecode(self._data[self._offsets[i]:self._offsets[i + 1]].tobytes())
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+
 def _remove_if_owner(path: str, owner_pid: int) -> None:
     if os.getpid() == owner_pid and os.path.exists(path):
         os.remove(path)
@@ -71,7 +96,7 @@ class _ImageDataset(Dataset):
             raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
         if transform is None:
             raise ValueError("a transform is required (e.g. promptkd.data.transforms.Preprocess)")
-        self._paths = tuple(os.fspath(p) for p in paths)
+        self._paths = PathTable(paths)
         self.transform = transform
         self.seed = int(seed)
         self.on_bad_image = on_bad_image
@@ -144,11 +169,11 @@ class LabelledImages(_ImageDataset):
 
     def __init__(self, samples: Sequence[Any], transform: Transform, *, seed: int = 0, on_bad_image: str = "skip"):
         super().__init__([s.path for s in samples], transform, seed=seed, on_bad_image=on_bad_image)
-        self.labels = tuple(int(s.label) for s in samples)
+        self.labels = np.fromiter((int(s.label) for s in samples), dtype=np.int64, count=len(samples))
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         image, i = self._image(key)
-        return {"image": image, "label": self.labels[i], "index": i}
+        return {"image": image, "label": int(self.labels[i]), "index": i}
 
 
 class UnlabelledImages(_ImageDataset):
@@ -163,8 +188,8 @@ class UnlabelledImages(_ImageDataset):
         super().__init__(paths, transform, seed=seed, on_bad_image=on_bad_image)
 
     @property
-    def paths(self) -> tuple[str, ...]:
-        return self._paths
+    def paths(self) -> list[str]:
+        return list(self._paths)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         image, i = self._image(key)
