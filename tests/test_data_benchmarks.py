@@ -159,6 +159,15 @@ def test_imagenet_classnames_file_disagreeing_with_folders(tmp_path):
         load_benchmark(tmp_path, "ImageNet")
 
 
+def test_flowers_category_names_disagreeing_with_split(tmp_path):
+    fx = make_fixture(tmp_path, "Flowers102", classes=3)
+    names = fx.dataset_dir / "cat_to_name.json"
+    names.write_text(json.dumps({"1": "pink primrose", "2": "sweet pea", "3": "canterbury bells"}))
+    with pytest.raises(DataError, match=r"cat_to_name.json: category 2 is 'sweet pea' but .*split_zhou_OxfordFlowers.json "
+                                        r"calls label 1 'hard-leaved pocket orchid'"):
+        load_benchmark(tmp_path, "Flowers102")
+
+
 def test_fgvc_variant_not_in_class_list(tmp_path):
     fx = make_fixture(tmp_path, "FGVCAircraft", classes=3)
     lines = (fx.dataset_dir / "images_variant_test.txt").read_text().splitlines()

@@ -248,7 +248,23 @@ def _load_split_json(spec: DatasetSpec, folder: Path, problems: list[str], check
         check_files = False
     rows = {s: _samples_from_entries(data[s], prefix, f"{split_path}:{s}", problems) for s in ("train", "val", "test")}
     classnames, splits = _assemble(spec.name, rows, str(split_path), problems, check_files)
+    _check_category_names(folder / "cat_to_name.json", classnames, split_path, problems)
     return Benchmark(spec.name, classnames, splits["train"], splits["val"], splits["test"], str(folder))
+
+
+def _check_category_names(path: Path, classnames: list[str], split_path: Path, problems: list[str]) -> None:
+    """Flowers102 ships ``cat_to_name.json`` (category = label + 1); when present it must agree with the split."""
+    if not path.is_file():
+        return
+    try:
+        by_category = {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
+    except (json.JSONDecodeError, ValueError, AttributeError) as exc:
+        problems.append(f"{path}: expected a JSON object {{category number: name}} ({exc})")
+        return
+    for label, name in enumerate(classnames):
+        other = by_category.get(label + 1)
+        if other is not None and prompt_name(other) != name:
+            problems.append(f"{path}: category {label + 1} is {other!r} but {split_path} calls label {label} {name!r}")
 
 
 def _load_fgvc(spec: DatasetSpec, folder: Path, problems: list[str], check_files: bool):
@@ -318,7 +334,8 @@ def _load_imagenet(spec: DatasetSpec, folder: Path, problems: list[str], check_f
     train = _scan_class_folders(split_dirs["train"], wnids, label_of, classnames, problems)
     test = _scan_class_folders(split_dirs["val"], [w for w in found.get("val", []) if w in label_of],
                                label_of, classnames, problems)
-    return Benchmark(spec.name, classnames, train, list(test), test, str(folder), class_ids=wnids)
+    # CoOp evaluates on val and also uses it as the val split (the same list)
+    return Benchmark(spec.name, classnames, train, test, test, str(folder), class_ids=wnids)
 
 
 def _load_imagenet_v2(spec: DatasetSpec, folder: Path, problems: list[str], check_files: bool):

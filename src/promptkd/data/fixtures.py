@@ -149,6 +149,8 @@ def make_fixture(root: str | os.PathLike, name: str, *, classes: int = 4, per_cl
                     n_total += 1
         if spec.layout == "split_json":
             (ds / spec.split_file).write_text(json.dumps(entries, indent=4))
+            if spec.name == "Flowers102":
+                (ds / "cat_to_name.json").write_text(json.dumps({str(i + 1): raw for i, (_, raw) in enumerate(table)}))
         else:
             (ds / "variants.txt").write_text("".join(f"{raw}\n" for _, raw in table))
             for split in ("train", "val", "test"):
@@ -169,7 +171,7 @@ def make_fixture(root: str | os.PathLike, name: str, *, classes: int = 4, per_cl
                 for n in range(per):
                     fname = f"{w}_{n + 1}.JPEG" if split == "train" else f"ILSVRC2012_val_{counter + 1:08d}.JPEG"
                     emit(ds / "images" / folder / w / fname, label, names[label], split)
-        splits["val"] = list(splits["test"])
+        splits["val"] = splits["test"]
         return Fixture(root, ds, spec.name, names, splits)
     for label, w in enumerate(wnids):
         for n in range(test_per_class):
