@@ -177,3 +177,23 @@ def test_path_table_round_trips_unicode_paths():
     assert list(table) == paths and len(table) == 4 and table[-1] == "rel/x.JPEG"
     with pytest.raises(IndexError):
         table[4]
+
+
+def test_plain_datasets_get_indices_and_epochs():
+    class Squares(torch.utils.data.Dataset):
+        epochs: list[int] = []
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return {"x": torch.tensor(i * i), "index": i}
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    ds = Squares()
+    loader = make_loader(ds, batch_size=5, shuffle=True, seed=1)
+    a, b = next(iter(loader)), next(iter(loader))
+    assert sorted(a["x"].tolist()) == [0, 1, 4, 9, 16] and ds.epochs == [1]
+    assert not torch.equal(a["index"], b["index"])

@@ -230,23 +230,25 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-class EpochTagged(Sampler[tuple[int, int]]):
-    """Wraps a sampler to yield ``(epoch, index)``; can skip the first ``start`` items (resume)."""
+class EpochTagged(Sampler):
+    """Wraps a sampler to yield ``(epoch, index)`` for our datasets (plain indices for any other
+    dataset); ``set_epoch`` reaches the wrapped sampler and the dataset; ``start`` skips items (resume)."""
 
-    def __init__(self, base: Sampler[int], dataset: _ImageDataset):
-        self.base, self.dataset, self.start = base, dataset, 0
+    def __init__(self, base: Sampler[int], dataset: Dataset):
+        self.base, self.dataset, self.start, self.epoch = base, dataset, 0, 0
+        self.tagged = isinstance(dataset, _ImageDataset)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        if hasattr(self.base, "set_epoch"):
-            self.base.set_epoch(epoch)
-        self.dataset.set_epoch(epoch)
-        self.start = start
+        for target in (self.base, self.dataset):
+            if hasattr(target, "set_epoch"):
+                target.set_epoch(epoch)
+        self.epoch, self.start = int(epoch), int(start)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.dataset.epoch
+    def __iter__(self) -> Iterator:
+        epoch = self.epoch
         for n, i in enumerate(self.base):
             if n >= self.start:
-                yield epoch, i
+                yield (epoch, i) if self.tagged else i
 
     def __len__(self) -> int:
         return max(0, len(self.base) - self.start)
@@ -266,7 +268,7 @@ class EpochLoader(DataLoader):
 
     def __iter__(self):
         if not self._epoch_pending:
-            self.set_epoch(self.sampler.dataset.epoch + 1)
+            self.set_epoch(self.sampler.epoch + 1)
         self._epoch_pending = False
         return super().__iter__()
 
@@ -289,18 +291,17 @@ def _rank_world(distributed: Any) -> tuple[int, int]:
     return int(rank), int(world)
 
 
-def make_loader(dataset: _ImageDataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
                 seed: int = 0, drop_last: bool = False, distributed: Any = None, *,
                 pin_memory: bool | None = None, prefetch_factor: int = 2) -> EpochLoader:
-    """A DataLoader of dict batches over one of our datasets.
+    """A DataLoader of dict batches over :class:`LabelledImages` / :class:`UnlabelledImages` (any
+    map-style dataset works too; it gets ``set_epoch`` calls if it has that method).
 
     ``distributed`` is None, ``(rank, world_size)``, a dict or an object with ``rank``/``world_size``.
     Training (``shuffle=True``) uses ``DistributedSampler`` (same permutation on all ranks for an
     epoch, padded to equal length); evaluation (``shuffle=False``) gives rank r the samples r, r+w, ...
     with no padding, so gathering every rank's predictions counts each sample once. Call
     ``loader.set_epoch(epoch)`` before each epoch (``start_batch`` to resume mid-epoch)."""
-    if not isinstance(dataset, _ImageDataset):
-        raise TypeError("make_loader expects LabelledImages or UnlabelledImages")
     rank, world = _rank_world(distributed)
     n = len(dataset)
     if world > 1 and shuffle:
