@@ -83,6 +83,17 @@ def test_class_name_rules_follow_coop(tmp_path):
     assert get_spec("OxfordFlowers").name == get_spec("flowers_102").name == "Flowers102"
 
 
+def test_split_written_with_raw_folder_names_gets_coop_names(tmp_path):
+    fx = make_fixture(tmp_path, "EuroSAT", classes=3)
+    split_path = fx.dataset_dir / "split_zhou_EuroSAT.json"
+    data = json.loads(split_path.read_text())
+    for entries in data.values():
+        for e in entries:
+            e[2] = e[0].split("/")[0]  # "AnnualCrop", as the folder is called
+    split_path.write_text(json.dumps(data))
+    assert load_benchmark(tmp_path, "EuroSAT").classnames == fx.classnames
+
+
 def test_imagenet_subsets_map_to_imagenet_labels(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

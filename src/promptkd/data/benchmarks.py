@@ -90,22 +90,36 @@ class DatasetSpec:
     aliases: tuple[str, ...] = ()
     subset_asset: str = ""  # packaged list of the wnids of a 200-class ImageNet subset
     ignore: tuple[str, ...] = ()
+    rename: tuple[tuple[str, str], ...] = ()  # CoOp's NEW_CNAMES: raw folder name -> class name
+
 
     @property
     def eval_only(self) -> bool:
         return self.layout in ("imagenet_v2", "wnid_folders")
 
 
-def _split(name, folder, image_dir, split_file, classes, train, base, novel, aliases=()):
+def _split(name, folder, image_dir, split_file, classes, train, base, novel, aliases=(), rename=()):
     return DatasetSpec(name, folder, "split_json", image_dir, split_file, classes, train, base, novel,
-                       base + novel, aliases)
+                       base + novel, aliases, rename=tuple(rename))
+
+
+# CoOp renames these classes when it writes its split files; applied again here so that a split file
+# written with raw folder names gives the same class names (the official files already use them).
+CALTECH101_NAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
+EUROSAT_NAMES = {
+    "AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
+    "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
+    "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
+    "SeaLake": "Sea or Lake",
+}
 
 
 REGISTRY: dict[str, DatasetSpec] = {
     s.name: s
     for s in [
         DatasetSpec("ImageNet", "imagenet", "imagenet", "images", "", 1000, 1_281_167, 25_000, 25_000, 50_000),
-        _split("Caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", 100, 4128, 1549, 916),
+        _split("Caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", 100, 4128, 1549, 916,
+               rename=CALTECH101_NAMES.items()),
         _split("OxfordPets", "oxford_pets", "images", "split_zhou_OxfordPets.json", 37, 2944, 1881, 1788),
         _split("StanfordCars", "stanford_cars", "", "split_zhou_StanfordCars.json", 196, 6509, 4002, 4039),
         _split("Flowers102", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", 102, 4093, 1053, 1410,
@@ -116,7 +130,8 @@ REGISTRY: dict[str, DatasetSpec] = {
         _split("SUN397", "sun397", "SUN397", "split_zhou_SUN397.json", 397, 15_880, 9950, 9900),
         _split("DTD", "dtd", "images", "split_zhou_DescribableTextures.json", 47, 2820, 864, 828,
                ("DescribableTextures",)),
-        _split("EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json", 10, 13_500, 4200, 3900),
+        _split("EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json", 10, 13_500, 4200, 3900,
+               rename=EUROSAT_NAMES.items()),
         _split("UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", 101, 7639, 1934, 1849),
         DatasetSpec("ImageNetV2", "imagenetv2", "imagenet_v2", "imagenetv2-matched-frequency-format-val",
                     classes=1000, paper_test=10_000, aliases=("ImageNet-V2",)),
@@ -247,6 +262,9 @@ def _load_split_json(spec: DatasetSpec, folder: Path, problems: list[str], check
         problems.append(f"{prefix}: image folder missing")
         check_files = False
     rows = {s: _samples_from_entries(data[s], prefix, f"{split_path}:{s}", problems) for s in ("train", "val", "test")}
+    if spec.rename:
+        renamed = dict(spec.rename)
+        rows = {s: [(p, lab, renamed.get(raw, raw)) for p, lab, raw in r] for s, r in rows.items()}
     classnames, splits = _assemble(spec.name, rows, str(split_path), problems, check_files)
     _check_category_names(folder / "cat_to_name.json", classnames, split_path, problems)
     return Benchmark(spec.name, classnames, splits["train"], splits["val"], splits["test"], str(folder))
@@ -403,7 +421,11 @@ def collect_benchmark(root: str | os.PathLike, name: str, problems: list[str], *
     if not folder.is_dir():
         problems.append(f"{folder}: dataset folder missing (expected CoOp's layout: <root>/{spec.folder})")
         return None
-    return _LOADERS[spec.layout](spec, folder, problems, check_files)
+    try:
+        return _LOADERS[spec.layout](spec, folder, problems, check_files)
+    except DataError as exc:  # an unreadable class-name file
+        problems.extend(exc.problems)
+        return None
 
 
 def load_benchmark(root: str | os.PathLike, name: str, *, check_files: bool = True) -> Benchmark:
