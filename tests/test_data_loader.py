@@ -197,3 +197,16 @@ def test_plain_datasets_get_indices_and_epochs():
     a, b = next(iter(loader)), next(iter(loader))
     assert sorted(a["x"].tolist()) == [0, 1, 4, 9, 16] and ds.epochs == [1]
     assert not torch.equal(a["index"], b["index"])
+
+
+def test_with_the_project_transforms(bench):
+    transforms = pytest.importorskip("promptkd.data.transforms", reason="data/transforms.py (helper B) not present")
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    train = LabelledImages(bench.train, transforms.TrainAugment(24, mean, std), seed=1)
+    a = _epoch(make_loader(train, batch_size=4, shuffle=True, seed=0, num_workers=0), 3)
+    b = _epoch(make_loader(LabelledImages(bench.train, transforms.TrainAugment(24, mean, std), seed=1),
+                           batch_size=4, shuffle=True, seed=0, num_workers=2), 3)
+    assert a[0]["image"].shape == (4, 3, 24, 24)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+    test = LabelledImages(bench.test, transforms.Preprocess(24, mean, std))
+    assert torch.equal(test[(0, 1)]["image"], test[(7, 1)]["image"])  # evaluation has no randomness
