@@ -210,3 +210,11 @@ def test_with_the_project_transforms(bench):
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
     test = LabelledImages(bench.test, transforms.Preprocess(24, mean, std))
     assert torch.equal(test[(0, 1)]["image"], test[(7, 1)]["image"])  # evaluation has no randomness
+
+
+def test_transform_errors_name_the_file(bench):
+    def broken(img, generator=None):
+        raise ValueError("size mismatch")
+
+    with pytest.raises(RuntimeError, match=f"{bench.train[2].path}: transform failed.*size mismatch"):
+        LabelledImages(bench.train, broken)[2]

@@ -159,7 +159,10 @@ class _ImageDataset(Dataset):
                 tried.append(str(exc))
                 continue
             g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-            return self.transform(img, generator=g), i
+            try:
+                return self.transform(img, generator=g), i
+            except Exception as exc:  # a transform bug or an odd image: say which file, never skip silently
+                raise RuntimeError(f"{self._paths[i]}: transform failed ({type(exc).__name__}: {exc})") from exc
         raise BadImageError(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from index {index}:\n  "
                             + "\n  ".join(tried))
 
