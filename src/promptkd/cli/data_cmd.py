@@ -10,7 +10,7 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="check data roots, list benchmarks, make tiny fixtures",
-                                   description=__doc__)
+                                   description="Check data roots, list the known benchmarks, make tiny fixture datasets.")
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
 
