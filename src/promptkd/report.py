@@ -423,9 +423,9 @@ def plot_table(table: Table, path: str | Path) -> Path:
     x = np.arange(len(order))
     for i, (name, values) in enumerate(series.items()):
         ys = [values.get(d, (np.nan, None))[0] for d in order]
-        errs = [values.get(d, (np.nan, None))[1] or 0.0 for d in order]
+        errs = [values.get(d, (np.nan, None))[1] or np.nan for d in order]
         hatch = "//" if name.startswith("paper") else None
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, ys, width, yerr=errs if any(errs) else None,
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, ys, width, yerr=errs if not np.all(np.isnan(errs)) else None,
                capsize=2, label=name,
                color=colours.get(name), hatch=hatch, edgecolor="white" if hatch else None, linewidth=0)
     if order and order[-1] == "Average" and len(order) > 1:

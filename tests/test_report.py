@@ -1,0 +1,151 @@
+"""Report: mean/std over seeds against numpy, markdown/CSV contents, flags, plot file, paper table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import numpy as np
+import pytest
+
+from promptkd import paper
+from promptkd.cli import main
+from promptkd.report import collect, make_report
+
+
+def write(root, protocol, dataset, seed, model, metrics, selection="last"):
+    d = root / protocol / dataset / f"seed{seed}" / f"eval_{model}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "results.json").write_text(json.dumps({
+        "protocol": protocol, "dataset": dataset, "seed": seed, "model": model, "selection": selection,
+        "metrics": metrics}))
+
+
+@pytest.fixture
+def runs(tmp_path):
+    rng = random.Random(0)
+    values = {}
+    for ds in ("Caltech101", "DTD"):
+        for seed in (1, 2, 3):
+            for model in ("zeroshot", "student"):
+                b, n = 60 + 30 * rng.random(), 50 + 30 * rng.random()
+                values[(model, ds, seed)] = (b, n)
+                write(tmp_path / "runs", "base2novel", ds, seed, model,
+                      {"base": b, "novel": n, "hm": paper.harmonic_mean(b, n)})
+    return tmp_path / "runs", values
+
+
+def hm(b, n):
+    return 2 * b * n / (b + n)
+
+
+def test_means_and_stds_match_numpy(runs, tmp_path):
+    root, values = runs
+    rep = make_report(root, tmp_path / "out", plot=False)
+    rows = {(r["model"], r["dataset"]): r for r in rep.tables[0].rows}
+    for model in ("zeroshot", "student"):
+        for ds in ("Caltech101", "DTD"):
+            bs = np.array([values[(model, ds, s)][0] for s in (1, 2, 3)])
+            ns = np.array([values[(model, ds, s)][1] for s in (1, 2, 3)])
+            row = rows[(model, ds)]
+            assert row["base_mean"] == pytest.approx(bs.mean())
+            assert row["base_std"] == pytest.approx(bs.std(ddof=1))
+            assert row["novel_std"] == pytest.approx(ns.std(ddof=1))
+            assert row["hm"] == pytest.approx(hm(bs.mean(), ns.mean()))
+            assert row["hm_std"] == pytest.approx(np.std([hm(b, n) for b, n in zip(bs, ns)], ddof=1))
+        avg = rows[(model, "Average")]
+        base_means = [np.mean([values[(model, ds, s)][0] for s in (1, 2, 3)]) for ds in ("Caltech101", "DTD")]
+        novel_means = [np.mean([values[(model, ds, s)][1] for s in (1, 2, 3)]) for ds in ("Caltech101", "DTD")]
+        assert avg["base_mean"] == pytest.approx(np.mean(base_means))
+        assert avg["hm"] == pytest.approx(hm(np.mean(base_means), np.mean(novel_means)))
+        # the paper's average over the same two datasets, the paper's way
+        ref = paper.PAPER_ROW_FOR_MODEL[model]
+        pb = np.mean([paper.BASE_TO_NOVEL[ref][d].base for d in ("Caltech101", "DTD")])
+        pn = np.mean([paper.BASE_TO_NOVEL[ref][d].novel for d in ("Caltech101", "DTD")])
+        assert avg["paper_hm"] == pytest.approx(hm(pb, pn))
+
+
+def test_markdown_and_csv_contents(runs, tmp_path):
+    root, values = runs
+    rep = make_report(root, tmp_path / "out", plot=False)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md == rep.markdown
+    b = np.array([values[("student", "DTD", s)][0] for s in (1, 2, 3)])
+    assert f"| DTD | {b.mean():.2f} ± {b.std(ddof=1):.2f} |" in md
+    assert "### student (selection: last; paper row: PromptKD)" in md
+    assert "| **Average (2 datasets)** |" in md
+    assert "| Caltech101 | 96.84 | 94.00 | 95.40 |" not in md  # paper cells sit after the run's columns
+    assert "| 98.91 | 96.65 | 97.77 |" in md  # PromptKD's Caltech101 row next to the student
+    assert "Mixed model-selection" not in md and "Notes" not in md
+    rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert [(r["model"], r["dataset"]) for r in rows] == [
+        ("zeroshot", "Caltech101"), ("zeroshot", "DTD"), ("zeroshot", "Average"),
+        ("student", "Caltech101"), ("student", "DTD"), ("student", "Average")]
+    assert rows[3]["paper_hm"] == "97.77" and rows[3]["seeds"] == "1 2 3"
+
+
+def test_missing_seed_dataset_and_mixed_selection_are_flagged(runs, tmp_path):
+    root, _ = runs
+    (root / "base2novel" / "DTD" / "seed3" / "eval_student" / "results.json").unlink()
+    write(root, "base2novel", "EuroSAT", 1, "zeroshot", {"base": 50.0, "novel": 60.0})
+    write(root, "base2novel", "Caltech101", 2, "student", {"base": 90.0, "novel": 80.0}, selection="best_val")
+    (root / "junk").mkdir()
+    (root / "junk" / "results.json").write_text('{"protocol": "base2novel"}')
+    write(root / "copy", "base2novel", "DTD", 1, "zeroshot", {"base": 1.0, "novel": 1.0})
+    rep = make_report(root, tmp_path / "out", plot=False)
+    md = rep.markdown
+    assert "student DTD: seed(s) 3 missing; mean over seed(s) 1, 2" in md
+    assert "| DTD† |" in md
+    assert "student: no results for EuroSAT" in md
+    assert "**Mixed model-selection rules in this base2novel table**" in md
+    assert "student Caltech101: seeds selected by different rules (best_val, last)" in md
+    assert any("junk/results.json: skipped" in p and "missing key(s)" in p for p in rep.problems)
+    assert any(p.startswith("duplicate zeroshot DTD seed 1") for p in rep.problems)
+    assert "| **Average (2 datasets)** |" in md and "| **Average (3 datasets)** |" in md
+
+
+def test_accuracy_protocols_and_plot(tmp_path):
+    root = tmp_path / "runs"
+    accs = {"ImageNetV2": [60.0, 62.0], "ImageNetA": [50.0, 55.0]}
+    for ds, vals in accs.items():
+        for seed, v in zip((1, 2), vals):
+            write(root, "domain_generalization", ds, seed, "student", {"accuracy": v})
+    write(root, "cross_dataset", "DTD", 1, "teacher", {"accuracy": 40.0})
+    assert main([  # through the CLI
+        "report", str(root), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"| ImageNetV2 | 61.00 ± {np.std([60, 62], ddof=1):.2f} | 69.77 |" in md
+    assert "| **Average** | 56.75 (2 targets) | 71.47 (all 4 targets) |" in md
+    assert "## Cross-dataset" in md and "| DTD | 40.00 | — |" in md
+    for name in ("report_domain_generalization.png", "report_cross_dataset.png"):
+        data = (tmp_path / "out" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        from PIL import Image
+
+        with Image.open(tmp_path / "out" / name) as img:
+            img.verify()
+
+
+def test_collect_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="runs folder not found"):
+        collect(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+
+
+def test_paper_table_is_self_consistent():
+    """Transcription check: HM of each row and the Average rows, from the paper's own cells."""
+    for method in paper.METHODS:
+        rows = [paper.BASE_TO_NOVEL[method][d] for d in paper.BASE_TO_NOVEL_DATASETS]
+        avg = paper.BASE_TO_NOVEL[method]["Average"]
+        assert np.mean([r.base for r in rows]) == pytest.approx(avg.base, abs=0.006)
+        assert np.mean([r.novel for r in rows]) == pytest.approx(avg.novel, abs=0.006)
+        assert hm(avg.base, avg.novel) == pytest.approx(avg.hm, abs=0.006)
+        for d in paper.BASE_TO_NOVEL_DATASETS:
+            r = paper.BASE_TO_NOVEL[method][d]
+            if (method, d) not in paper.PRINTED_HM_DIFFERS:
+                assert hm(r.base, r.novel) == pytest.approx(r.hm, abs=0.011), (method, d)
+    dg = paper.DOMAIN_GENERALIZATION[paper.PROMPTKD]
+    assert np.mean(list(dg.values())) == pytest.approx(paper.DOMAIN_GENERALIZATION_AVERAGE[paper.PROMPTKD], abs=0.006)
+    assert paper.base_to_novel_average(paper.PROMPTKD, list(paper.BASE_TO_NOVEL_DATASETS)).hm == 83.73
