@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--dataset", action="append", metavar="NAME",
                        help="check only this dataset (repeatable); default: every benchmark folder present")
     check.add_argument("--verify-images", action="store_true", help="decode every image (slow); default: existence")
+    check.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                       help="processes decoding images with --verify-images (default: up to 8)")
     check.add_argument("--strict", action="store_true", help="also fail when a count differs from the paper's")
     check.add_argument("--max-problems", type=int, default=50, help="problems listed per dataset (0: all)")
     check.add_argument("--json", metavar="FILE", help="also write the reports as JSON")
@@ -38,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_check(args: argparse.Namespace) -> int:
     from promptkd.data.check import check_root, format_reports, reports_as_json
 
-    reports = check_root(args.root, args.dataset, verify_images=args.verify_images, progress=sys.stderr.isatty())
+    reports = check_root(args.root, args.dataset, verify_images=args.verify_images, progress=sys.stderr.isatty(),
+                         workers=args.workers)
     limit = args.max_problems if args.max_problems > 0 else 10**9
     print(format_reports(reports, max_problems=limit))
     if args.json:

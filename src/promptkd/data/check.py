@@ -44,23 +44,34 @@ def _counts(bench: Benchmark) -> dict[str, int | None]:
     return out
 
 
-def _verify_images(bench: Benchmark, progress: bool) -> list[str]:
+def _decode_error(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return None  # already reported as missing
+    try:
+        read_image(path)
+    except BadImageError as exc:
+        return str(exc)
+    return None
+
+
+def _verify_images(bench: Benchmark, progress: bool, workers: int) -> list[str]:
+    """Decode every image once (in ``workers`` processes); the problems, in path order."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     paths = sorted({s.path for split in (bench.train, bench.val, bench.test) for s in split})
-    problems = []
-    for path in tqdm(paths, desc=f"decoding {bench.name}", unit="img", disable=not progress, leave=False):
-        if not os.path.isfile(path):
-            continue  # already reported as missing
-        try:
-            read_image(path)
-        except BadImageError as exc:
-            problems.append(str(exc))
-    return problems
+    bar = dict(desc=f"decoding {bench.name}", unit="img", total=len(paths), disable=not progress, leave=False)
+    if workers <= 1 or len(paths) < 256:
+        results = [_decode_error(p) for p in tqdm(paths, **bar)]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(tqdm(pool.map(_decode_error, paths, chunksize=64), **bar))
+    return [r for r in results if r]
 
 
 def check_dataset(root: str | os.PathLike, name: str, *, verify_images: bool = False,
-                  progress: bool = False) -> DatasetReport:
+                  progress: bool = False, workers: int = 1) -> DatasetReport:
     """Load one benchmark collecting all its problems; counts next to the paper's."""
     spec = get_spec(name)
     folder = Path(root).expanduser() / spec.folder
@@ -79,12 +90,12 @@ def check_dataset(root: str | os.PathLike, name: str, *, verify_images: bool = F
     if bench is not None:
         report.counts = _counts(bench)
         if verify_images:
-            report.problems.extend(_verify_images(bench, progress))
+            report.problems.extend(_verify_images(bench, progress, workers))
     return report
 
 
 def check_root(root: str | os.PathLike, names: list[str] | None = None, *, verify_images: bool = False,
-               progress: bool = False) -> list[DatasetReport]:
+               progress: bool = False, workers: int = 1) -> list[DatasetReport]:
     """Check the named datasets, or every benchmark whose folder exists under ``root``."""
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -96,7 +107,8 @@ def check_root(root: str | os.PathLike, names: list[str] | None = None, *, verif
         if not wanted:
             raise FileNotFoundError(
                 f"no benchmark folder under {root} (expected CoOp's layout, e.g. {root}/caltech-101, {root}/imagenet)")
-    return [check_dataset(root, n, verify_images=verify_images, progress=progress) for n in wanted]
+    return [check_dataset(root, n, verify_images=verify_images, progress=progress, workers=workers)
+            for n in wanted]
 
 
 def _cell(value: int | None, paper: int | None) -> str:
