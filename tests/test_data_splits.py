@@ -104,6 +104,18 @@ def test_few_shot_benchmark_then_base_matches_coop_order(tmp_path):
     bench = load_benchmark(tmp_path, "Caltech101")
     fs = few_shot_benchmark(bench, 2, seed=1, cache_dir=tmp_path / "cache")
     assert len(fs.train) == 10 and len(fs.val) == 10 and fs.test == bench.test
+    # Dassl draws val after train from one seeded stream
+    state = random.getstate()
+    random.seed(1)
+    tracker_train, tracker_val = defaultdict(list), defaultdict(list)
+    for x in bench.train:
+        tracker_train[x.label].append(x)
+    for x in bench.val:
+        tracker_val[x.label].append(x)
+    expected_train = [y for items in tracker_train.values() for y in random.sample(items, 2)]
+    expected_val = [y for items in tracker_val.values() for y in random.sample(items, 2)]
+    random.setstate(state)
+    assert (fs.train, fs.val) == (expected_train, expected_val)
     base = base_novel_split(fs).base
     assert len(base.train) == 6 and {s.label for s in base.train} == {0, 1, 2}
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2

@@ -3,7 +3,9 @@
 * Base-to-novel: classes sorted by label; the first ``ceil(N/2)`` are base, the rest novel; novel labels
   are re-indexed from 0 (as CoOp's ``subsample_classes``).
 * Few-shot: K images per class, chosen with ``random.Random(seed)``; it follows Dassl's
-  ``generate_fewshot_dataset``: classes in order of first appearance, ``rng.sample(items, K)`` each.
+  ``generate_fewshot_dataset``: classes in order of first appearance, ``rng.sample(items, K)`` each,
+  train first, then val (min(K, 4) shots) from the same stream. Apply it to the full train split and
+  THEN take the base half, as CoOp does (few-shot before ``subsample_classes``).
   The input order is the benchmark's canonical order (split file order, or sorted folder scans), so
   the same seed picks the same images on every machine. A class with fewer than K images keeps all of
   them and a warning names it. Selections are cached as JSON keyed by (dataset, K, seed) and checked
@@ -83,11 +85,10 @@ def _fingerprint(samples: Sequence[Sample]) -> str:
     return h.hexdigest()[:20]
 
 
-def _select(samples: Sequence[Sample], k: int, seed: int, name: str) -> list[int]:
+def _select(samples: Sequence[Sample], k: int, rng: random.Random, name: str) -> list[int]:
     by_label: dict[int, list[int]] = {}
     for i, s in enumerate(samples):
         by_label.setdefault(s.label, []).append(i)
-    rng = random.Random(seed)
     chosen: list[int] = []
     short: list[str] = []
     for label, idx in by_label.items():
@@ -103,17 +104,19 @@ def _select(samples: Sequence[Sample], k: int, seed: int, name: str) -> list[int
 
 
 def few_shot(samples: Sequence[Sample], k: int, seed: int, cache_dir: str | os.PathLike | None = None,
-             *, name: str = "dataset") -> list[Sample]:
+             *, name: str = "dataset", after: tuple[Sequence[Sample], int] | None = None) -> list[Sample]:
     """K samples per class, deterministic for ``seed``; cached as ``<cache_dir>/<name>_shot<K>_seed<seed>.json``.
 
     The cache records the selected positions in ``samples`` and a fingerprint of ``samples``; a cache
-    made from a different list is ignored (with a warning) and rewritten."""
+    made from a different list is ignored (with a warning) and rewritten. ``after=(other, k_other)``
+    first draws ``k_other`` shots from ``other`` with the same generator (CoOp draws val after train
+    from one seeded stream)."""
     if k < 1:
         raise ValueError(f"few-shot K must be >= 1, got {k}")
     samples = list(samples)
     if not samples:
         raise ValueError(f"{name}: no samples to draw {k} shots from")
-    fingerprint = _fingerprint(samples)
+    fingerprint = _fingerprint(samples) + (f"-after-{_fingerprint(after[0])}-{after[1]}" if after else "")
     cache = Path(cache_dir) / f"{name.replace('/', '_')}_shot{k}_seed{seed}.json" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
@@ -123,7 +126,12 @@ def few_shot(samples: Sequence[Sample], k: int, seed: int, cache_dir: str | os.P
             warnings.warn(f"{cache}: made from a different sample list; drawing again", stacklevel=2)
         except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
             warnings.warn(f"{cache}: unreadable few-shot cache ({exc}); drawing again", stacklevel=2)
-    indices = _select(samples, k, seed, name)
+    rng = random.Random(seed)
+    if after is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # already reported when that list was drawn
+            _select(list(after[0]), after[1], rng, name)
+    indices = _select(samples, k, rng, name)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         record = {"dataset": name, "k": k, "seed": seed, "fingerprint": fingerprint, "indices": indices,
@@ -140,7 +148,7 @@ def few_shot_benchmark(bench: Benchmark, k: int, seed: int, cache_dir: str | os.
     train = few_shot(bench.train, k, seed, cache_dir, name=f"{bench.name}_train")
     val = bench.val
     if val and val is not bench.test:
-        val = few_shot(bench.val, min(k, 4), seed, cache_dir, name=f"{bench.name}_val")
+        val = few_shot(bench.val, min(k, 4), seed, cache_dir, name=f"{bench.name}_val", after=(bench.train, k))
     return replace(bench, train=train, val=val)
 
 
