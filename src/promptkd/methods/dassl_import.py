@@ -104,16 +104,21 @@ def _unsafe_globals(path: Path) -> list[str]:
 def load_checkpoint_file(path: str | Path, trust_checkpoint: bool = False) -> object:
     """``torch.load`` a checkpoint on CPU; full unpickling only with ``trust_checkpoint``."""
     path = find_checkpoint(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # zip (torch.save) or a legacy pickle stream
+        raise ValueError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trust_checkpoint:
             found = _unsafe_globals(path)
-            what = f" (it pickles {', '.join(found[:4])})" if found else ""
+            detail = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+            what = f" (it pickles {', '.join(found[:4])})" if found else (f" ({detail[0]})" if detail else "")
             raise UntrustedCheckpointError(
-                f"{path}: this checkpoint holds Python objects beyond tensors{what}; loading it would run "
+                f"{path}: this checkpoint holds Python objects beyond tensors{what}; unpickling it can run "
                 "code from the file. If you trust where it comes from, pass --trust-checkpoint "
-                f"(trust_checkpoint=True). Detail: {str(exc).splitlines()[0]}"
+                "(trust_checkpoint=True)."
             ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
