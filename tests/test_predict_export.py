@@ -1,0 +1,181 @@
+"""Predict / export with a saved student: top-k, ONNX (checker + onnxruntime vs PyTorch), bundle round trip.
+
+A toy student (conv trunk + prompt + projector, registered as backbone kind ``toy``) keeps these
+tests independent of CLIP; tests/test_e2e_cli.py and the CLIP test below run the real ClipStudent.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from promptkd.artifacts import save_adapter
+from promptkd.cli import main
+from promptkd.models.backbones import ImageSpec, Student, register_builder
+from promptkd.serve import export_onnx, load_bundle, load_student, predict, save_bundle
+from promptkd.store import ClassVectorStore
+
+SPEC = ImageSpec(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+class ToyStudent(Student):
+    """Frozen conv trunk (weights from the identity's seed) + learnt prompt bias + learnt projector."""
+
+    image_spec = SPEC
+
+    def __init__(self, seed: int = 0, width: int = 8, embed_dim: int = 6):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.trunk = nn.Sequential(nn.Conv2d(3, width, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        with torch.no_grad():
+            for p in self.trunk.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+                p.requires_grad_(False)
+        self.prompt = nn.Parameter(torch.zeros(width))
+        self.projector = nn.Sequential(nn.Linear(width, embed_dim), nn.BatchNorm1d(embed_dim))
+        self.embed_dim = embed_dim
+        self.seed = seed
+
+    def forward(self, images):
+        return self.projector(self.trunk(images) + self.prompt)
+
+    def logit_scale(self):
+        return torch.tensor(100.0)
+
+    def identity(self):
+        return {"kind": "toy", "seed": self.seed}
+
+
+def _build_toy(identity, weights=None, state_dict=None, **_):
+    return ToyStudent(int(identity["seed"]))
+
+
+register_builder("toy", "student", _build_toy)
+
+CLASSES = ["red thing", "green thing", "blue thing", "grey thing"]
+
+
+@pytest.fixture
+def student_dir(tmp_path):
+    torch.manual_seed(0)
+    s = ToyStudent(seed=3)
+    with torch.no_grad():
+        s.prompt.normal_()
+        s.projector[1].running_mean.normal_()  # a trained BN state must survive the round trip
+    s.eval()
+    store = ClassVectorStore(torch.nn.functional.normalize(torch.randn(4, 6), dim=-1), CLASSES, 100.0, {"kind": "toy-t"})
+    return save_adapter(s, tmp_path / "student", "student", store=store), s, store
+
+
+def _images(tmp_path, n=3):
+    from PIL import Image
+
+    paths = []
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_load_student_restores_learnt_tensors(student_dir):
+    folder, s, store = student_dir
+    loaded = load_student(folder)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.student(x), s(x))
+    assert loaded.store.class_names == CLASSES and loaded.store.fingerprint() == store.fingerprint()
+
+
+def test_changed_store_is_refused(student_dir):
+    folder, _, store = student_dir
+    ClassVectorStore(store.vectors.flip(0), CLASSES, 100.0).save(folder / "class_vectors.safetensors")
+    with pytest.raises(ValueError, match="differ from the ones the student was distilled with"):
+        load_student(folder)
+
+
+def test_predict_topk_matches_manual_softmax(student_dir, tmp_path):
+    pytest.importorskip("promptkd.data.transforms")
+    from promptkd.data.loader import read_image
+    from promptkd.serve import preprocess_for
+
+    folder, s, store = student_dir
+    paths = _images(tmp_path)
+    preds = predict(load_student(folder), paths, top_k=3, batch_size=2)
+    x = torch.stack([preprocess_for(SPEC)(read_image(p)) for p in paths])
+    with torch.no_grad():
+        f = torch.nn.functional.normalize(s(x), dim=-1)
+    probs = (100.0 * f @ store.vectors.t()).softmax(-1)
+    for pred, row in zip(preds, probs):
+        order = row.argsort(descending=True)[:3].tolist()
+        assert [i for i, _, _ in pred.top] == order
+        assert [n for _, n, _ in pred.top] == [CLASSES[i] for i in order]
+        np.testing.assert_allclose([p for _, _, p in pred.top], row[order].numpy(), rtol=1e-5)
+
+
+def test_predict_cli_json_and_text(student_dir, tmp_path, capsys):
+    pytest.importorskip("promptkd.data.transforms")
+    folder, _, _ = student_dir
+    paths = _images(tmp_path, 2)
+    assert main(["predict", *paths, "--student", str(folder), "--top-k", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [d["image"] for d in data] == paths and all(len(d["predictions"]) == 2 for d in data)
+    assert all(d["predictions"][0]["probability"] >= d["predictions"][1]["probability"] for d in data)
+    assert main(["predict", paths[0], "--student", str(folder), "--top-k", "9"]) == 0  # k clipped to 4 classes
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == paths[0] and len(out) == 5 and out[1].lstrip().startswith("1. ")
+    assert main(["predict", str(tmp_path / "missing.png"), "--student", str(folder)]) == 2
+    assert "missing.png" in capsys.readouterr().err
+
+
+def test_onnx_export_matches_pytorch(student_dir, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    folder, _, _ = student_dir
+    loaded = load_student(folder)
+    for output in ("probabilities", "logits"):
+        path = export_onnx(loaded, tmp_path / f"s_{output}.onnx", output=output)
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+        props = {p.key: p.value for p in model.metadata_props}
+        assert json.loads(props["promptkd.class_names"]) == CLASSES
+        ort = pytest.importorskip("onnxruntime")
+        x = torch.randn(5, 3, 32, 32)  # batch 5 while exported with batch 1: the batch axis is dynamic
+        with torch.no_grad():
+            expected = loaded.classifier(output)(x).numpy()
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"images": x.numpy()})[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        if output == "probabilities":
+            np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_bundle_round_trip_without_original_weights(student_dir, tmp_path, monkeypatch):
+    folder, s, store = student_dir
+    assert main(["export", "--student", str(folder), "--format", "safetensors", "--out", str(tmp_path / "b.safetensors")]) == 0
+    loaded = load_bundle(tmp_path / "b.safetensors")
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(loaded.student(x), s(x))
+    assert loaded.store.class_names == CLASSES
+    torch.testing.assert_close(loaded.store.vectors, store.vectors)
+    assert loaded.meta["role"] == "student"
+    # every weight comes from the file: a builder giving different frozen weights changes nothing
+    from promptkd.models import backbones
+
+    monkeypatch.setitem(backbones._BUILDERS, ("toy", "student"), lambda identity, **_: ToyStudent(seed=99))
+    torch.testing.assert_close(load_student(tmp_path / "b.safetensors").student(x), s(x))
+
+
+def test_bad_inputs_are_named(tmp_path):
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="bogus.safetensors"):
+        load_bundle(bogus)
+    with pytest.raises(FileNotFoundError, match="student not found"):
+        load_student(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="adapter.json"):
+        load_student(tmp_path / "empty")
