@@ -16,7 +16,7 @@ from torch import nn
 from promptkd.artifacts import save_adapter
 from promptkd.cli import main
 from promptkd.models.backbones import ImageSpec, Student, register_builder
-from promptkd.serve import export_onnx, load_bundle, load_student, predict, save_bundle
+from promptkd.serve import export_onnx, load_bundle, load_student, predict
 from promptkd.store import ClassVectorStore
 
 SPEC = ImageSpec(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
