@@ -109,12 +109,37 @@ def _parse_merges(lines: Sequence[str], source: str, limit: int | None) -> list[
     return merges
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _load_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of a *tokenizers* ``tokenizer.json`` holding CLIP's BPE model."""
+    model = _read_json(path).get("model", {})
+    if model.get("type") != "BPE" or model.get("end_of_word_suffix") not in (None, "</w>"):
+        raise ValueError(f"{path}: not a CLIP BPE tokenizer (model type {model.get('type')!r}, "
+                         f"end_of_word_suffix {model.get('end_of_word_suffix')!r})")
+    vocab, raw_merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(raw_merges, list):
+        raise ValueError(f"{path}: model.vocab must be an object and model.merges a list")
+    merges: list[tuple[str, str]] = []
+    for i, m in enumerate(raw_merges):
+        pair = m.split(" ") if isinstance(m, str) else m
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ValueError(f"{path}: merge {i} is not a pair: {m!r}")
+        merges.append((pair[0], pair[1]))
+    return dict(vocab), merges
+
+
 class Tokenizer:
     """CLIP's BPE tokenizer.
 
     ``Tokenizer()`` uses the packaged OpenAI vocabulary; ``Tokenizer(path)`` reads another merges file
     in OpenAI's format (``.txt`` or ``.txt.gz``), or a Hugging Face folder with ``vocab.json`` and
-    ``merges.txt``.
+    ``merges.txt`` (or, failing those, a ``tokenizer.json``).
 
     >>> tok = Tokenizer()
     >>> tok.encode("a photo of a cat")
@@ -156,13 +181,14 @@ class Tokenizer:
     @staticmethod
     def _load_hf_dir(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
         vocab_file, merges_file = path / "vocab.json", path / "merges.txt"
-        for f in (vocab_file, merges_file):
-            if not f.is_file():
-                raise FileNotFoundError(f"{path}: a Hugging Face tokenizer folder needs {f.name} (not found)")
-        try:
-            encoder = json.loads(vocab_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{vocab_file}: not a JSON vocabulary ({exc})") from exc
+        if not (vocab_file.is_file() and merges_file.is_file()):
+            if (path / "tokenizer.json").is_file():
+                return _load_tokenizer_json(path / "tokenizer.json")
+            raise FileNotFoundError(
+                f"{path}: a Hugging Face tokenizer folder needs vocab.json and merges.txt, or tokenizer.json "
+                f"(found {sorted(p.name for p in path.iterdir())[:10]})"
+            )
+        encoder = _read_json(vocab_file)
         if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
             raise ValueError(f"{vocab_file}: expected a JSON object mapping tokens to integer ids")
         merges = _parse_merges(_read_merges_lines(merges_file), str(merges_file), None)
@@ -170,7 +196,7 @@ class Tokenizer:
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> Tokenizer:
-        """A tokenizer from a Hugging Face folder (``vocab.json`` + ``merges.txt``)."""
+        """A tokenizer from a Hugging Face folder (``vocab.json`` + ``merges.txt``, or ``tokenizer.json``)."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"Hugging Face tokenizer folder not found: {path}")
@@ -249,16 +275,16 @@ class Tokenizer:
             raise ValueError(f"{self.source}: BPE produced {exc.args[0]!r}, which the vocabulary lacks") from None
 
     def decode(self, ids: Sequence[int] | Tensor) -> str:
-        """Text of token ids. SOT is dropped and decoding stops at EOT (what follows is padding)."""
+        """Text of token ids: SOT/EOT are dropped, and so is what follows the last EOT (padding)."""
         if isinstance(ids, Tensor):
             ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        if self.eot_id in ids:
+            ids = ids[: len(ids) - ids[::-1].index(self.eot_id)]
         pieces: list[str] = []
         for i in ids:
-            i = int(i)
-            if i == self.sot_id:
+            if i in (self.sot_id, self.eot_id):
                 continue
-            if i == self.eot_id:
-                break
             if i not in self.decoder:
                 raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
             pieces.append(self.decoder[i])
