@@ -1,0 +1,277 @@
+"""Stage-2 distillation: the loss against float64 and a hand computation, label-freeness, learning.
+
+The backbones here are tiny stand-ins implementing the Teacher/Student interface (patch embedding,
+prompt tokens, one frozen transformer layer, projector), teacher wider than student.
+"""
+
+import math
+import zlib
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from promptkd.engine.loop import LoopConfig, fit
+from promptkd.methods.promptkd import DistillModule, agreement_selector, base_accuracy_selector, distillation_loss
+from promptkd.models.backbones import Student, Teacher
+from promptkd.store import build_store
+
+IMAGE = 32
+
+
+class _Encoder(nn.Module):
+    """Patchify (8x8) -> [prompt tokens | patches] -> one transformer layer -> mean pool."""
+
+    def __init__(self, width: int, n_prompts: int):
+        super().__init__()
+        self.patch = nn.Conv2d(3, width, 8, 8)
+        self.pos = nn.Parameter(torch.randn(16, width) * 0.1)
+        self.block = nn.TransformerEncoderLayer(width, 2, 2 * width, dropout=0.0, batch_first=True)
+        self.block.requires_grad_(False)
+        self.patch.requires_grad_(False)
+        self.pos.requires_grad_(False)
+        self.prompts = nn.Parameter(torch.randn(n_prompts, width) * 0.1)
+
+    def forward(self, images):
+        x = self.patch(images).flatten(2).transpose(1, 2) + self.pos
+        x = torch.cat([self.prompts.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.block(x).mean(1)
+
+
+class TinyTeacher(Teacher):
+    def __init__(self, width: int = 48, embed_dim: int = 32, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = _Encoder(width, 2)  # its prompts are trainable: DistillModule must freeze them
+        self.proj = nn.Linear(width, embed_dim)
+        self.proj.requires_grad_(False)
+        self.embed_dim = embed_dim
+
+    def encode_image(self, images, prompted=True):
+        return self.proj(self.encoder(images))
+
+    def encode_class_names(self, class_names, prompted=True):
+        rows = [torch.randn(self.embed_dim, generator=torch.Generator().manual_seed(zlib.crc32(n.encode())))
+                for n in class_names]
+        return torch.stack(rows)
+
+    def logit_scale(self):
+        return torch.tensor(20.0)
+
+    def identity(self):
+        return {"kind": "tiny-distill-test", "role": "teacher"}
+
+
+class TinyStudent(Student):
+    def __init__(self, width: int = 32, embed_dim: int = 32, projector: str = "mlp", seed: int = 1):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = _Encoder(width, 2)
+        if projector == "linear":
+            self.projector = nn.Linear(width, embed_dim)
+        else:  # the paper's conv1x1-BN-ReLU-conv1x1 on a [B, C] vector is Linear-BN-ReLU-Linear
+            self.projector = nn.Sequential(nn.Linear(width, embed_dim), nn.BatchNorm1d(embed_dim), nn.ReLU(),
+                                           nn.Linear(embed_dim, embed_dim))
+        self.embed_dim = embed_dim
+
+    def forward(self, images):
+        return self.projector(self.encoder(images))
+
+    def logit_scale(self):
+        return torch.tensor(20.0)
+
+    def identity(self):
+        return {"kind": "tiny-distill-test", "role": "student"}
+
+
+CLASSES = ["cat", "dog", "car", "tree", "boat", "cup"]
+
+
+class Images(Dataset):
+    """Unlabelled random images as ``{"image", "index"}`` samples (no label key, like the real stream)."""
+
+    def __init__(self, n: int, seed: int):
+        self.x = torch.rand(n, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "index": i}
+
+
+def make_module(projector="mlp", **kw):
+    teacher, student = TinyTeacher(), TinyStudent(projector=projector)
+    store = build_store(teacher, CLASSES)
+    return DistillModule(teacher, student, store, **kw)
+
+
+# -- the loss ------------------------------------------------------------------------------------------
+
+
+def reference_kl(t, s, temperature, kd_weight, weighting):
+    """Float64 evaluation of kd_weight * T^2 * sum_b sum_c p log(p / q) / (B*N or B)."""
+    t, s = t.double() / temperature, s.double() / temperature
+    p = torch.exp(t - torch.logsumexp(t, -1, keepdim=True))
+    log_p, log_q = torch.log(p), s - torch.logsumexp(s, -1, keepdim=True)
+    total = (p * (log_p - log_q)).sum()
+    denom = t.numel() if weighting == "authors" else t.shape[0]
+    return kd_weight * temperature**2 * total / denom
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("weighting", ["authors", "batchmean"])
+def test_loss_matches_float64_reference(temperature, weighting):
+    g = torch.Generator().manual_seed(7)
+    t, s = torch.randn(5, 11, generator=g) * 8, torch.randn(5, 11, generator=g) * 8
+    got = distillation_loss(t, s, temperature, weighting, kd_weight=3.0)
+    want = reference_kl(t, s, temperature, 3.0, weighting)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(float(want), rel=1e-5, abs=1e-7)
+
+
+def test_authors_weighting_on_a_two_by_three_example_done_by_hand():
+    ln2 = math.log(2)
+    t = torch.tensor([[0.0, 0.0, 0.0], [ln2, 0.0, 0.0]])
+    s = torch.tensor([[ln2, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # row 1: p = (1/3, 1/3, 1/3), q = (1/2, 1/4, 1/4): KL = 1/3 ln(2/3) + 2/3 ln(4/3) = 1/3 ln(32/27)
+    # row 2: p = (1/2, 1/4, 1/4), q = (1/3, 1/3, 1/3): KL = 1/2 ln(3/2) + 1/2 ln(3/4) = 1/2 ln(9/8)
+    kl_sum = math.log(32 / 27) / 3 + math.log(9 / 8) / 2  # = 0.1155245...
+    assert float(distillation_loss(t, s, 1.0, "authors", 1000.0)) == pytest.approx(1000 * kl_sum / 6, rel=1e-6)
+    assert float(distillation_loss(t, s, 1.0, "batchmean", 1.0)) == pytest.approx(kl_sum / 2, rel=1e-6)
+    assert 1000 * kl_sum / 6 == pytest.approx(19.2540886, rel=1e-7)
+
+
+def test_module_loss_is_the_formula_on_teacher_and_student_logits():
+    module = make_module(temperature=2.0, kd_weight=1000.0).train()
+    images = Images(4, 0).x
+    out = module({"image": images})
+    vectors = torch.nn.functional.normalize(torch.stack([module.teacher.encode_class_names([c])[0] for c in CLASSES]).double(), dim=-1)
+    with torch.no_grad():
+        t = 20.0 * torch.nn.functional.normalize(module.teacher.encode_image(images).double(), dim=-1) @ vectors.t()
+        s = 20.0 * torch.nn.functional.normalize(module.student(images).double(), dim=-1) @ vectors.t()
+    assert float(out["loss"].detach()) == pytest.approx(float(reference_kl(t, s, 2.0, 1000.0, "authors")), rel=1e-4)
+    assert not module.teacher.training and all(not p.requires_grad for p in module.teacher.parameters())
+
+
+# -- labels never reach the loss ----------------------------------------------------------------------
+
+
+class Watched(dict):
+    """A batch that records which keys the method reads."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.read: list[str] = []
+
+    def __getitem__(self, key):
+        self.read.append(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.append(key)
+        return super().get(key, default)
+
+
+def test_labels_cannot_reach_the_loss():
+    module = make_module().train()
+    images = Images(6, 3).x
+    labels = torch.arange(6) % len(CLASSES)
+
+    def loss_and_grads(batch):
+        module.zero_grad()
+        loss = module(batch)["loss"]
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in module.student.trainable_parameters()]
+
+    batch = Watched(image=images, label=labels, index=torch.arange(6))
+    plain, plain_grads = loss_and_grads(batch)
+    assert batch.read == ["image"]
+    permuted, permuted_grads = loss_and_grads({"image": images, "label": labels[torch.randperm(6)]})
+    unlabelled, _ = loss_and_grads({"image": images})
+    assert plain == permuted == unlabelled
+    for a, b in zip(plain_grads, permuted_grads):
+        assert torch.equal(a, b)
+
+
+# -- learning: only prompts and projector move; the student comes to agree with the teacher ------------
+
+
+def test_distillation_learns_and_touches_only_prompts_and_projector(tmp_path):
+    module = make_module(kd_weight=1.0, weighting="batchmean")
+    frozen_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    frozen_before.update({f"student.{k}": v.clone() for k, v in module.student.state_dict().items()
+                          if not k.startswith(("projector.", "encoder.prompts"))})
+    trainable_before = {k: v.clone() for k, v in module.student.adapter_state_dict().items()}
+    assert {k.split(".")[0] for k in trainable_before} == {"encoder", "projector"}
+
+    held_out = torch.utils.data.DataLoader(Images(48, 99), batch_size=16)
+    agreement = agreement_selector(held_out)
+    fixed = {"image": Images(16, 5).x}
+    with torch.no_grad():
+        module.eval()
+        loss_before = float(module(fixed)["loss"])
+    agree_before = agreement(module)["score"]
+
+    cfg = LoopConfig(epochs=4, batch_size=16, lr=0.05, warmup_epochs=0, num_workers=0, seed=0, log_every=5)
+    fit(module, Images(128, 1), cfg, tmp_path)
+
+    with torch.no_grad():
+        module.eval()
+        loss_after = float(module(fixed)["loss"])
+    agree_after = agreement(module)["score"]
+    assert loss_after < 0.7 * loss_before
+    assert agree_after > agree_before + 15, (agree_before, agree_after)
+    for key, value in module.teacher.state_dict().items():
+        assert torch.equal(value, frozen_before[key]), key
+    for key, value in module.student.state_dict().items():
+        if f"student.{key}" in frozen_before:
+            assert torch.equal(value, frozen_before[f"student.{key}"]), key
+    changed = [k for k, v in module.student.adapter_state_dict().items() if not torch.equal(v, trainable_before[k])]
+    assert "encoder.prompts" in changed and "projector.0.weight" in changed
+
+
+def test_agreement_selection_keeps_the_best_epoch_and_survives_resume(tmp_path):
+    scores = iter([10.0, 30.0, 20.0])
+
+    def fake_select(module):  # stands for a held-out measurement; deterministic scores per epoch
+        return {"score": next(scores)}
+
+    module = make_module(selection="agreement", select_fn=fake_select)
+    cfg = LoopConfig(epochs=3, batch_size=16, lr=0.05, warmup_epochs=0, num_workers=0, seed=0, max_steps=3)
+    fit(module, Images(32, 1), cfg, tmp_path)  # stops inside epoch 2 (2 steps per epoch)
+    kept = {k: v.clone() for k, v in module.best_state.items()}
+    assert module.best_epoch == 0
+    resumed = make_module(selection="agreement", select_fn=fake_select)
+    out = fit(resumed, Images(32, 1), LoopConfig(**{**cfg.as_dict(), "max_steps": None}), tmp_path)
+    assert [r["select_score"] for r in out["history"]] == [10.0, 30.0, 20.0]
+    assert resumed.best_epoch == 1 and out["history"][-1]["best_epoch"] == 2
+    assert not torch.equal(kept["encoder.prompts"], resumed.best_state["encoder.prompts"])  # epoch 1 -> 2
+    final = resumed.student.adapter_state_dict()
+    for key, value in resumed.best_state.items():
+        assert torch.equal(final[key], value)  # on_train_end loaded the best epoch's tensors
+    assert resumed.selection_record()["selection"].startswith("best_teacher_agreement")
+
+
+def test_paper_selection_scores_base_classes_only_and_says_it_uses_test_labels():
+    module = make_module(selection="paper", select_fn=lambda m: {"score": 0.0})
+    assert module.selection_label == "best_base_test (paper; uses test labels)"
+    images = Images(12, 4).x
+    with torch.no_grad():
+        module.eval()
+        base_pred = module.student_logits(images)[:, :3].argmax(-1)  # first ceil(6/2) classes
+    loader = [{"image": images, "label": base_pred}]
+    assert base_accuracy_selector(loader)(module)["score"] == 100.0
+    wrong = [{"image": images, "label": (base_pred + 1) % 3}]
+    assert base_accuracy_selector(wrong)(module)["score"] == 0.0
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="weighting"):
+        make_module(weighting="mean")
+    with pytest.raises(ValueError, match="needs a select_fn"):
+        make_module(selection="agreement")
+    teacher = TinyTeacher(embed_dim=24)
+    with pytest.raises(ValueError, match="projects to 32 dimensions but the class vectors have 24"):
+        DistillModule(teacher, TinyStudent(), build_store(teacher, CLASSES))
