@@ -1,0 +1,64 @@
+"""DDP: 2 CPU processes (gloo, launched by torchrun) reach the same prompts as 1 process with the same
+global batch (2 x 4 images vs 1 x 8), through the same training loop.
+
+The student here uses the LINEAR projector: with the paper's BatchNorm projector each rank would
+normalise with its own 4-image statistics, which is not the 8-image computation of a single process
+(SyncBatchNorm would be needed for equality). Tolerance: float32 summation order differs between an
+8-image batch and two all-reduced 4-image halves, so we allow 1e-5 relative / 1e-6 absolute.
+
+Run as a script (``python -m torch.distributed.run --nproc_per_node=2 tests/test_distill_ddp.py OUT``)
+this file is the worker.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from promptkd.engine import distributed  # noqa: E402
+from promptkd.engine.loop import LoopConfig, fit  # noqa: E402
+from promptkd.methods.promptkd import DistillModule  # noqa: E402
+from promptkd.store import build_store  # noqa: E402
+from test_distill_module import CLASSES, Images, TinyStudent, TinyTeacher  # noqa: E402
+
+STEPS = 6
+
+
+def run(out_dir: str, batch_size: int) -> None:
+    teacher, student = TinyTeacher(), TinyStudent(projector="linear")
+    module = DistillModule(teacher, student, build_store(teacher, CLASSES), kd_weight=1000.0)
+    cfg = LoopConfig(epochs=2, batch_size=batch_size, lr=0.05, warmup_epochs=0, num_workers=0, seed=4,
+                     max_steps=STEPS, log_every=1)
+    fit(module, Images(32, 2), cfg, out_dir)
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    run(str(tmp_path / "single"), batch_size=8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           __file__, str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    single = torch.load(tmp_path / "single/checkpoints/last.pt", weights_only=True)
+    ddp = torch.load(tmp_path / "ddp/checkpoints/last.pt", weights_only=True)
+    assert single["global_step"] == ddp["global_step"] == STEPS
+    assert ddp["config"]["world_size"] == 2 and len(ddp["rng"]) == 2
+    initial = TinyStudent(projector="linear").adapter_state_dict()
+    assert set(single["trainable"]) == {f"student.{k}" for k in initial}
+    for key, value in single["trainable"].items():
+        assert not torch.equal(value, initial[key.removeprefix("student.")]), f"{key} did not train"
+        torch.testing.assert_close(ddp["trainable"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+if __name__ == "__main__":
+    distributed.init_from_env()
+    try:
+        assert distributed.world_size() == 2
+        run(sys.argv[1], batch_size=4)
+    finally:
+        distributed.cleanup()
