@@ -110,34 +110,50 @@ def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
     return [u / total for u in unnorm]
 
 
-def frozen_ensemble_text_features(teacher, class_names: Sequence[str], templates: Sequence[str]) -> Tensor:
-    """Frozen text features averaged over templates (unnormalised mean, then L2-normalised) -> [N, D]."""
-    if not templates:
-        raise ValueError("the template ensemble is empty")
-    total = None
+def frozen_ensemble_text_features(teacher, class_names: Sequence[str], templates: Sequence[str],
+                                  chunk: int = 256, progress: bool | None = None) -> Tensor:
+    """Frozen text features averaged over templates (unnormalised mean, then L2-normalised) -> [N, D].
+
+    This is PromptSRC's order of operations (its ``fixed_embeddings``); CLIP's zero-shot classifier
+    (:mod:`promptkd.methods.zeroshot`) instead normalises each template's features before averaging.
+
+    Runs ``len(templates) * len(class_names)`` texts through the frozen text tower once, in chunks
+    (a tqdm bar when there are many, e.g. 60 templates x 1000 ImageNet classes)."""
+    from promptkd.methods.templates import check_templates, fill
+
+    templates = check_templates(templates)
+    names = list(class_names)
+    total: Tensor | None = None
+    n_texts = len(templates) * len(names)
+    show = progress if progress is not None else n_texts >= 4096
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_texts, desc="frozen text features (template ensemble)", unit="text", leave=False)
     with torch.no_grad():
         for template in templates:
-            feats = teacher.encode_text([template.format(name) for name in class_names]).float()
+            parts = []
+            for start in range(0, len(names), chunk):
+                texts = [fill(template, name) for name in names[start:start + chunk]]
+                parts.append(teacher.encode_text(texts).float())
+                if bar is not None:
+                    bar.update(len(texts))
+            feats = torch.cat(parts)
             total = feats if total is None else total + feats
+    if bar is not None:
+        bar.close()
     return F.normalize(total / len(templates), dim=-1)
 
 
 def resolve_templates(spec: str | Sequence[str], dataset: str | None = None) -> list[str]:
-    """A template list: ``"promptsrc"`` (the PromptSRC ensemble), ``"coop"`` (the dataset's CoOp
-    template) or an explicit list of strings with one ``{}`` each."""
-    if isinstance(spec, str):
-        from promptkd.methods import templates as tmpl
+    """A template list: a named set of :mod:`promptkd.methods.templates` (``promptsrc``: PromptSRC's 60
+    templates, the default; ``coop``: the dataset's CoOp template; ...) or explicit templates with one ``{}``."""
+    from promptkd.methods import templates as tmpl
 
-        if spec == "promptsrc":
-            return list(tmpl.PROMPTSRC_TEMPLATES)
-        if spec == "coop":
-            return [tmpl.coop_template(dataset or "")]
-        raise ValueError(f"unknown template set {spec!r} (use 'promptsrc', 'coop' or a list of templates)")
-    out = [str(t) for t in spec]
-    bad = [t for t in out if t.count("{}") != 1]
-    if bad:
-        raise ValueError(f"each template needs exactly one '{{}}' for the class name: {bad[:3]}")
-    return out
+    if isinstance(spec, str) and "{}" not in spec:
+        return tmpl.template_set(spec, dataset)
+    return tmpl.check_templates(spec)
 
 
 # --- the module the training loop optimises ------------------------------------------------------------
