@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from promptkd.engine.loop import LoopConfig, fit
 from promptkd.methods.promptkd import DistillModule, agreement_selector, base_accuracy_selector, distillation_loss
-from promptkd.models.backbones import Student, Teacher
+from promptkd.models.backbones import ImageSpec, Student, Teacher
 from promptkd.store import build_store
 
 IMAGE = 32
@@ -40,6 +40,8 @@ class _Encoder(nn.Module):
 
 
 class TinyTeacher(Teacher):
+    image_spec = ImageSpec(size=IMAGE)
+
     def __init__(self, width: int = 48, embed_dim: int = 32, seed: int = 0):
         super().__init__()
         torch.manual_seed(seed)
@@ -64,6 +66,8 @@ class TinyTeacher(Teacher):
 
 
 class TinyStudent(Student):
+    image_spec = ImageSpec(size=IMAGE)
+
     def __init__(self, width: int = 32, embed_dim: int = 32, projector: str = "mlp", seed: int = 1):
         super().__init__()
         torch.manual_seed(seed)

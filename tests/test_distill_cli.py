@@ -1,0 +1,111 @@
+"""`promptkd distill`: presets, the run folder and artefact, resume, and clear errors.
+
+The CLIP student loader is replaced by the tiny stand-in student (``build_student`` is the one seam);
+the teacher goes through the real artefact path (save_adapter -> load_adapter via a registered builder).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from promptkd import artifacts, config  # noqa: E402
+from promptkd.cli import distill_cmd, main  # noqa: E402
+from promptkd.data.fixtures import make_fixture  # noqa: E402
+from promptkd.models import backbones  # noqa: E402
+from promptkd.store import build_store  # noqa: E402
+from test_distill_module import TinyStudent, TinyTeacher  # noqa: E402
+
+backbones.register_builder("tiny-distill-test", "teacher", lambda identity, **_: TinyTeacher())
+backbones.register_builder("tiny-distill-test", "student", lambda identity, **_: TinyStudent())
+
+B2N = ["imagenet", "caltech101", "oxfordpets", "stanfordcars", "flowers102", "food101", "fgvcaircraft",
+       "sun397", "dtd", "eurosat", "ucf101"]
+
+
+def test_every_preset_resolves_with_the_papers_settings():
+    names = [n for n in config.preset_names() if n.startswith("distill/")]
+    assert len(names) == 11 + 10 + 4
+    for name in names:
+        cfg = distill_cmd.resolve_config(name, [], seed=1)
+        protocol, dataset = name.split("/")[1:]
+        assert cfg["protocol"] == protocol and cfg["data"]["dataset"].lower() == dataset
+        assert cfg["data"]["unlabelled"] == "transductive" and cfg["method"]["selection"] == "last"
+        assert cfg["student"]["n_ctx"] == 4 and cfg["method"]["temperature"] == 1.0
+        assert cfg["student"]["depth"] == (9 if protocol == "base2novel" else 3)
+        assert (cfg["train"]["epochs"], cfg["train"]["batch_size"], cfg["train"]["lr"]) == (20, 8, 0.005)
+        low = protocol == "base2novel" and dataset in ("fgvcaircraft", "flowers102", "dtd")
+        assert cfg["method"]["kd_weight"] == (200.0 if low else 1000.0), name
+    assert sorted(n.split("/")[-1] for n in names if "/base2novel/" in n) == sorted(B2N)
+
+
+def test_bad_configs_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="selection=paper .* only exists for base2novel"):
+        distill_cmd.resolve_config("distill/cross_dataset/dtd", ["method.selection=paper"], 1)
+    with pytest.raises(ValueError, match="data.unlabelled=folder needs data.folder"):
+        distill_cmd.resolve_config("distill/base2novel/dtd", ["data.unlabelled=folder"], 1)
+    with pytest.raises(ValueError, match="unknown config key 'method.kd_wieght'"):
+        distill_cmd.resolve_config("distill/base2novel/dtd", ["method.kd_wieght=3"], 1)
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    fx = make_fixture(tmp_path / "data", "DTD", classes=4, per_class=4, test_per_class=2)
+    teacher = TinyTeacher()
+    with torch.no_grad():
+        teacher.encoder.prompts.add_(0.5)  # "trained" prompts: the artefact must carry them
+    artifacts.save_adapter(teacher, tmp_path / "teacher", "teacher", class_names=fx.classnames)
+    build_store(teacher, fx.classnames).save(tmp_path / "cv.safetensors")
+    monkeypatch.setattr(distill_cmd, "build_student", lambda cfg, weights, dim, trust: TinyStudent(embed_dim=dim))
+    base = ["distill", "--config", "distill/base2novel/dtd", "--data-root", str(tmp_path / "data"),
+            "--teacher", str(tmp_path / "teacher"), "--class-vectors", str(tmp_path / "cv.safetensors"),
+            "--student-weights", "unused.pt", "--set", "train.epochs=2", "--set", "train.batch_size=4",
+            "--set", "train.num_workers=0", "--set", "train.precision=fp32", "--set", "train.lr=0.05"]
+    return tmp_path, fx, base
+
+
+def test_distill_run_writes_config_logs_and_a_student_artefact(setup, capsys):
+    tmp_path, fx, base = setup
+    out = tmp_path / "student"
+    assert main([*base, "--out", str(out), "--seed", "2", "--set", "method.selection=agreement",
+                 "--set", "data.holdout=0.25"]) == 0
+    saved = config.load_yaml(out / "config.yaml")
+    assert saved["train"]["seed"] == 2 and saved["method"]["kd_weight"] == 200.0
+    run = json.loads((out / "run.json").read_text())
+    assert run["unlabelled"] == {"source": "DTD transductive", "images": 12, "held_out": 4}
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and "select_score" in rows[0] and "agreement" in rows[0]
+    student, meta = artifacts.load_adapter(out, role="student")
+    assert meta["selection"]["selection"].startswith("best_teacher_agreement")
+    assert meta["selection"]["selected_epoch"] in (1, 2) and meta["protocol"] == "base2novel"
+    assert meta["class_names"] == fx.classnames and (out / artifacts.STORE).is_file()
+    assert "distill: DTD transductive: 12 unlabelled images (+4 held out)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a second run into the same folder needs --resume
+        sys.exit(main([*base, "--out", str(out)]))
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_paper_selection_is_labelled_and_interrupted_runs_resume(setup):
+    tmp_path, _, base = setup
+    out = tmp_path / "paper"
+    args = [*base, "--out", str(out), "--set", "method.selection=paper"]
+    assert main([*args, "--set", "train.max_steps=3"]) == 0
+    assert not (out / artifacts.META).exists()  # interrupted: no artefact yet
+    assert main([*args, "--set", "train.max_steps=3", "--resume"]) == 0  # max_steps may change on resume...
+    assert main([*args, "--resume"]) == 0
+    meta = json.loads((out / artifacts.META).read_text())
+    assert meta["selection"]["selection"] == "best_base_test (paper; uses test labels)"
+    assert main([*args, "--resume", "--set", "method.kd_weight=5"]) == 2  # ...the method may not
+
+
+def test_class_vectors_from_another_teacher_are_refused(setup, capsys):
+    tmp_path, fx, base = setup
+    other = TinyTeacher()
+    other.identity = lambda: {"kind": "tiny-distill-test", "role": "teacher", "weights_sha256": "abc"}
+    build_store(other, fx.classnames).save(tmp_path / "cv.safetensors")
+    assert main([*base, "--out", str(tmp_path / "x")]) == 2
+    assert "computed by another teacher" in capsys.readouterr().err
