@@ -149,3 +149,12 @@ def test_paper_table_is_self_consistent():
     dg = paper.DOMAIN_GENERALIZATION[paper.PROMPTKD]
     assert np.mean(list(dg.values())) == pytest.approx(paper.DOMAIN_GENERALIZATION_AVERAGE[paper.PROMPTKD], abs=0.006)
     assert paper.base_to_novel_average(paper.PROMPTKD, list(paper.BASE_TO_NOVEL_DATASETS)).hm == 83.73
+
+
+def test_zero_shot_rows_never_count_as_mixed_selection(tmp_path):
+    root = tmp_path / "runs"
+    for seed in (1, 2):
+        write(root, "base2novel", "DTD", seed, "zeroshot", {"base": 50.0, "novel": 55.0}, selection="none")
+        write(root, "base2novel", "DTD", seed, "student", {"base": 80.0, "novel": 70.0}, selection="last_epoch")
+    md = make_report(root, tmp_path / "out", plot=False).markdown
+    assert "Mixed model-selection" not in md

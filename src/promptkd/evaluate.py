@@ -337,3 +337,110 @@ def as_dict(result: EvalResult) -> dict:
     d = result.to_json()
     d["groups"] = {k: asdict(v) for k, v in result.groups.items()}
     return d
+
+
+# --------------------------------------------------------------------------------------------------
+# datasets -> features -> results
+
+
+def check_protocol_dataset(protocol: str, bench) -> None:
+    """Refuse protocol/dataset pairs that make no sense (e.g. base-to-novel on ImageNet-A)."""
+    from promptkd.data.benchmarks import IMAGENET_VARIANTS
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
+    if protocol == "base2novel" and bench.eval_only:
+        raise ValueError(f"{bench.name} is an evaluation-only ImageNet variant: use --protocol domain_generalization")
+    if protocol == "domain_generalization" and bench.name not in (*IMAGENET_VARIANTS, "ImageNet"):
+        raise ValueError(f"domain generalisation targets are ImageNet and its variants "
+                         f"({', '.join(IMAGENET_VARIANTS)}), not {bench.name}")
+
+
+def evaluate_benchmark(
+    classifier: ImageClassifier,
+    bench,
+    protocol: str,
+    *,
+    seed: int,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    progress: bool = True,
+) -> EvalResult:
+    """Features of every test image of ``bench`` (once), then the protocol's metrics."""
+    from promptkd.data.loader import LabelledImages, make_loader
+    from promptkd.serve import preprocess_for
+
+    check_protocol_dataset(protocol, bench)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    # a test image that cannot be read must stop the evaluation, not be replaced by another one
+    dataset = LabelledImages(bench.test, preprocess_for(classifier.image_spec), on_bad_image="error")
+    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+    feats, labels = extract_features(classifier.encode_image, loader, device=device,
+                                     amp_dtype=PRECISIONS[precision], progress=progress,
+                                     desc=f"{classifier.model} {bench.name} test")
+    return evaluate_features(feats, labels, classifier.store, bench.classnames, protocol, dataset=bench.name,
+                             seed=seed, model=classifier.model, selection=classifier.selection,
+                             imagenet_indices=bench.imagenet_indices, source=classifier.source)
+
+
+# --------------------------------------------------------------------------------------------------
+# the three model kinds as ImageClassifiers
+
+
+def selection_of(meta: dict) -> str:
+    """The model-selection rule an artefact records (the final epoch when it records none)."""
+    sel = meta.get("selection")
+    if isinstance(sel, dict):
+        sel = sel.get("selection")
+    return str(sel or meta.get("config", {}).get("selection") or "last_epoch")
+
+
+def student_classifier(path: str | Path, *, device: torch.device | str = "cpu", **builder_options) -> ImageClassifier:
+    """A distilled student (folder or bundle): its image encoder + the class vectors it carries."""
+    from promptkd.serve import load_student
+
+    loaded = load_student(path, device=device, **builder_options)
+    source = {"student": str(path), "store_fingerprint": loaded.store.fingerprint(),
+              "adapter_sha256": loaded.meta.get("adapter_sha256")}
+    return ImageClassifier(loaded.student, loaded.store, loaded.image_spec, "student", selection_of(loaded.meta), source)
+
+
+def teacher_classifier(path: str | Path, class_names: Sequence[str], *, device: torch.device | str = "cpu",
+                       weights: str | Path | None = None, trust_checkpoint: bool = False,
+                       batch_size: int = 256) -> ImageClassifier:
+    """A prompted teacher (artefact folder or authors' checkpoint): prompted image tower + class vectors
+    from its prompted text tower over ``class_names`` (``build_store``, once)."""
+    from promptkd.methods.teacher_io import load_teacher
+    from promptkd.store import build_store
+
+    teacher, meta = load_teacher(path, weights=weights, trust_checkpoint=trust_checkpoint)
+    teacher.to(device)
+    store = build_store(teacher, class_names, batch_size=batch_size)
+
+    def encode(images: Tensor) -> Tensor:
+        return teacher.encode_image(images, prompted=True)
+
+    source = {"teacher": str(path), "adapter_sha256": meta.get("adapter_sha256"),
+              "store_fingerprint": store.fingerprint()}
+    return ImageClassifier(encode, store, teacher.image_spec, "teacher", selection_of(meta), source)
+
+
+def zeroshot_classifier(clip_weights: str | Path, bench, *, device: torch.device | str = "cpu",
+                        templates: str = "coop", trust_checkpoint: bool = False) -> ImageClassifier:
+    """Frozen CLIP: un-prompted image tower + frozen text tower over a template set (CoOp's by default,
+    as the paper's CLIP rows)."""
+    from promptkd.methods.teacher_io import build_teacher
+    from promptkd.methods.templates import template_set
+    from promptkd.methods.zeroshot import zeroshot_store
+
+    clip = build_teacher(clip_weights, trust_checkpoint=trust_checkpoint).to(device).eval()
+    store = zeroshot_store(clip, bench.classnames, template_set(templates, bench.name))
+
+    def encode(images: Tensor) -> Tensor:
+        return clip.encode_image(images, prompted=False)
+
+    source = {"clip_weights": str(clip_weights), "templates": templates, "store_fingerprint": store.fingerprint()}
+    return ImageClassifier(encode, store, clip.image_spec, "zeroshot", "none", source)

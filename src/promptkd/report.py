@@ -35,6 +35,7 @@ MODEL_ORDER = {m: i for i, m in enumerate(MODELS)}
 DATASET_ORDER = {d: i for i, d in enumerate(paper.BASE_TO_NOVEL_DATASETS + paper.DG_TARGETS)}
 PARTIAL_SEEDS = "†"
 MIXED_SELECTION = "‡"
+NO_SELECTION = ("none", "unspecified")  # zero-shot rows choose nothing: never "mixed" with trained ones
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def _selection_notes(cells: Iterable[Cell], protocol: str) -> list[str]:
     for c in cells:
         for r in c.records:
             by_model[c.model][r.selection] += 1
-    rules = {sel for counts in by_model.values() for sel in counts}
+    rules = {sel for counts in by_model.values() for sel in counts if sel not in NO_SELECTION}
     if len(rules) <= 1:
         return []
     parts = "; ".join(f"{m}: " + ", ".join(f"{s} ({n} run{'s' * (n > 1)})" for s, n in sorted(v.items()))

@@ -113,7 +113,7 @@ def preprocess_for(spec: ImageSpec):
     """The test-time transform of a backbone: resize (short side) + centre crop + normalisation."""
     from promptkd.data.transforms import Preprocess
 
-    return Preprocess(spec.size, spec.mean, spec.std)
+    return Preprocess.from_spec(spec)
 
 
 @dataclass
