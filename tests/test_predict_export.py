@@ -179,3 +179,12 @@ def test_bad_inputs_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="adapter.json"):
         load_student(tmp_path / "empty")
+
+
+def test_unreadable_image_is_named(student_dir, tmp_path, capsys):
+    pytest.importorskip("promptkd.data.transforms")
+    folder, _, _ = student_dir
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    assert main(["predict", str(bad), "--student", str(folder)]) == 2
+    assert "broken.jpg" in capsys.readouterr().err

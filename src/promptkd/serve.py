@@ -130,7 +130,7 @@ class Prediction:
 def predict(loaded: LoadedStudent, images: Sequence[str | os.PathLike], *, top_k: int = 5, batch_size: int = 32,
             device: str | torch.device = "cpu") -> list[Prediction]:
     """Top-k classes with probabilities for each image file (softmax of the scaled cosine logits)."""
-    from promptkd.data.loader import read_image
+    from promptkd.data.loader import BadImageError, read_image
 
     if top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")
@@ -139,9 +139,15 @@ def predict(loaded: LoadedStudent, images: Sequence[str | os.PathLike], *, top_k
     k = min(top_k, loaded.store.num_classes)
     out: list[Prediction] = []
     paths = [str(p) for p in images]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image file(s) not found: {', '.join(missing[:10])}")
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        batch = torch.stack([transform(read_image(p)) for p in chunk]).to(device)
+        try:
+            batch = torch.stack([transform(read_image(p)) for p in chunk]).to(device)
+        except BadImageError as exc:
+            raise ValueError(str(exc)) from exc
         probs, labels = model(batch).topk(k, dim=-1)
         for path, pr, lab in zip(chunk, probs.tolist(), labels.tolist()):
             out.append(Prediction(path, [(i, loaded.store.class_names[i], p) for i, p in zip(lab, pr)]))
