@@ -250,3 +250,16 @@ def test_bad_inputs(tmp_path):
     merges.write_text("#version: 0.2\ni n\nthree parts here\n", encoding="utf-8")
     with pytest.raises(ValueError, match="merges.txt:3"):
         Tokenizer(merges)
+
+
+def test_ftfy_fast_path_changes_nothing():
+    """clean_text skips ftfy for printable ASCII (+ tab/newline) without "&": ftfy is the identity there."""
+    rng = random.Random(1)
+    allowed = [chr(c) for c in range(0x20, 0x7F) if chr(c) != "&"] + ["\t", "\n"]
+    samples = ["".join(rng.choice(allowed) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
+    samples += ["don't", "\"quoted\" 'single'", "a\\nb", "<b>bold</b>", "x" * 500, "\n\t\n", "#;{}[]~^`|"]
+    for s in samples:
+        assert ftfy.fix_text(s) == s, repr(s)
+    for s in CORPUS:  # the whole clean-up equals OpenAI's unoptimised formula
+        expected = " ".join(html.unescape(html.unescape(ftfy.fix_text(s))).split()).lower()
+        assert clean_text(s) == expected, repr(s)
