@@ -1,10 +1,12 @@
 """DDP: 2 CPU processes (gloo, launched by torchrun) reach the same prompts as 1 process with the same
-global batch (2 x 4 images vs 1 x 8), through the same training loop.
+global batch, through the same training loop: 1 process x batch 8 against 2 processes x 2 micro-batches
+of 2 images (gradient accumulation, so DDP's no_sync path is exercised too).
 
 The student here uses the LINEAR projector: with the paper's BatchNorm projector each rank would
-normalise with its own 4-image statistics, which is not the 8-image computation of a single process
+normalise with its own 2-image statistics, which is not the 8-image computation of a single process
 (SyncBatchNorm would be needed for equality). Tolerance: float32 summation order differs between an
-8-image batch and two all-reduced 4-image halves, so we allow 1e-5 relative / 1e-6 absolute.
+8-image batch and four accumulated, all-reduced 2-image parts, and kd_weight 1000 with lr 0.05 amplifies
+it over 6 steps (measured: at most 4e-6 absolute), so we allow 1e-4 relative / 1e-5 absolute.
 
 Run as a script (``python -m torch.distributed.run --nproc_per_node=2 tests/test_distill_ddp.py OUT``)
 this file is the worker.
@@ -28,11 +30,11 @@ from test_distill_module import CLASSES, Images, TinyStudent, TinyTeacher  # noq
 STEPS = 6
 
 
-def run(out_dir: str, batch_size: int) -> None:
+def run(out_dir: str, batch_size: int, grad_accum: int = 1) -> None:
     teacher, student = TinyTeacher(), TinyStudent(projector="linear")
     module = DistillModule(teacher, student, build_store(teacher, CLASSES), kd_weight=1000.0)
-    cfg = LoopConfig(epochs=2, batch_size=batch_size, lr=0.05, warmup_epochs=0, num_workers=0, seed=4,
-                     max_steps=STEPS, log_every=1)
+    cfg = LoopConfig(epochs=2, batch_size=batch_size, grad_accum=grad_accum, lr=0.05, warmup_epochs=0,
+                     num_workers=0, seed=4, max_steps=STEPS, log_every=1)
     fit(module, Images(32, 2), cfg, out_dir)
 
 
@@ -52,13 +54,13 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     assert set(single["trainable"]) == {f"student.{k}" for k in initial}
     for key, value in single["trainable"].items():
         assert not torch.equal(value, initial[key.removeprefix("student.")]), f"{key} did not train"
-        torch.testing.assert_close(ddp["trainable"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(ddp["trainable"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
 if __name__ == "__main__":
     distributed.init_from_env()
     try:
         assert distributed.world_size() == 2
-        run(sys.argv[1], batch_size=4)
+        run(sys.argv[1], batch_size=2, grad_accum=2)
     finally:
         distributed.cleanup()
