@@ -263,3 +263,27 @@ def test_ftfy_fast_path_changes_nothing():
     for s in CORPUS:  # the whole clean-up equals OpenAI's unoptimised formula
         expected = " ".join(html.unescape(html.unescape(ftfy.fix_text(s))).split()).lower()
         assert clean_text(s) == expected, repr(s)
+
+
+def test_real_tokens_through_a_tiny_clip_text_tower(tok):
+    """Integration smoke: our ids feed the CLIP text tower and it pools at EOT (argmax of the ids)."""
+    clip_mod = pytest.importorskip("promptkd.models.clip")
+    torch.manual_seed(0)
+    model = clip_mod.tiny_clip(seed=0, width=32, layers=1)
+    texts = ["a photo of a cat.", "a photo of a samoyed, a type of pet.", "The quick brown fox jumps. " * 20]
+    tokens = tok(texts)
+    with torch.no_grad():
+        feats = model.encode_text(tokens)
+        assert feats.shape == (3, model.cfg.embed_dim) and torch.isfinite(feats).all()
+        eot = tokens.argmax(-1)
+        assert eot.tolist() == [len(tok.encode(t)) + 1 for t in texts[:2]] + [76]  # the long one truncated
+        # pooled at EOT under a causal mask: what follows EOT (padding) cannot matter ...
+        noisy = tokens.clone()
+        after = torch.arange(77) > eot[:, None]
+        noisy[after] = torch.randint(0, tok.sot_id, (int(after.sum()),))
+        assert torch.allclose(model.encode_text(noisy), feats, atol=1e-5)
+        # ... and a shorter context ending at the last EOT gives the same features
+        assert torch.allclose(model.encode_text(tokens[:2, : int(eot[:2].max()) + 1]), feats[:2], atol=1e-5)
+        # while a word before EOT does
+        changed = tok(["a photo of a dog."])
+        assert not torch.allclose(model.encode_text(changed)[0], feats[0], atol=1e-3)

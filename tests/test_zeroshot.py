@@ -144,3 +144,27 @@ def test_template_tables():
     assert tmpl.template_set("ensemble") == list(tmpl.PROMPTSRC_TEMPLATES)
     assert tmpl.template_set("single") == ["a photo of a {}."]
     assert tmpl.fill("a photo of a person doing {}.", "Apply_Eye_Makeup") == "a photo of a person doing Apply Eye Makeup."
+
+
+def test_zeroshot_with_a_tiny_clip_teacher_and_the_real_tokenizer():
+    """Integration: CLIP teacher + real tokenizer; checked against the formula on a float64 copy of the tower."""
+    backbones = pytest.importorskip("promptkd.models.clip_backbones")
+    import copy
+
+    from promptkd.models.tokenizer import default_tokenizer
+
+    teacher = backbones.tiny_clip_teacher(seed=0, width=32, layers=1)
+    names = ["golden_retriever", "tabby cat", "apple pie"]
+    templates = ["a photo of a {}.", "a photo of a {}, a type of pet.", "art of the {}."]
+    store = zeroshot_store(teacher, names, templates)
+    assert store.vectors.shape == (3, teacher.embed_dim)
+    model64 = copy.deepcopy(teacher.clip).double()
+    tok = default_tokenizer()
+    acc = torch.zeros(3, teacher.embed_dim, dtype=torch.float64)
+    with torch.no_grad():
+        for t in templates:
+            f = model64.encode_text(tok([t.replace("{}", n.replace("_", " ")) for n in names]))
+            acc += torch.nn.functional.normalize(f, dim=-1)
+    ref = torch.nn.functional.normalize(acc / len(templates), dim=-1)
+    torch.testing.assert_close(store.vectors.double(), ref, atol=1e-5, rtol=0)
+    assert store.logit_scale == pytest.approx(float(teacher.logit_scale()))
