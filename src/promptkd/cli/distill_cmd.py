@@ -54,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "distill/domain_generalization/<variant>.")
     p.add_argument("--config", required=True, help="YAML file or packaged preset, e.g. distill/base2novel/dtd")
     p.add_argument("--data-root", help="data root in CoOp's layout (not needed with data.unlabelled=folder)")
-    p.add_argument("--teacher", required=True, help="teacher artefact folder (train-teacher / convert-teacher)")
+    p.add_argument("--teacher", required=True,
+                   help="teacher artefact folder (train-teacher / convert-teacher), or an authors' Dassl checkpoint "
+                        "(then --teacher-weights is required)")
     p.add_argument("--class-vectors", required=True, help="class-vector store from `promptkd class-vectors`")
     p.add_argument("--student-weights", required=True, help="CLIP checkpoint of the student (e.g. ViT-B-16.pt)")
     p.add_argument("--teacher-weights", help="CLIP weights of the teacher (overrides the path in the artefact)")
@@ -125,14 +127,16 @@ def check_resume(saved_cfg: dict, cfg: dict, saved_run: dict, run_info: dict, wh
 
 
 def load_teacher(path: str, weights: str | None, trust_checkpoint: bool):
-    """The teacher artefact, rebuilt from its recorded identity, prompts loaded, frozen."""
-    from promptkd import artifacts
+    """``(teacher, meta)``: a teacher artefact (or an authors' Dassl checkpoint, given ``weights``), frozen."""
+    try:
+        from promptkd.methods.teacher_io import load_teacher as load
+    except ImportError:  # teacher I/O not installed: artefact folders only
+        from promptkd import artifacts
 
-    options = {"trust_checkpoint": trust_checkpoint}
-    if weights:
-        options["weights"] = weights
-    teacher, meta = artifacts.load_adapter(path, role="teacher", **options)
-    return teacher, meta
+        options = {"trust_checkpoint": trust_checkpoint, **({"weights": weights} if weights else {})}
+        teacher, meta = artifacts.load_adapter(path, role="teacher", **options)
+        return teacher.requires_grad_(False).eval(), meta
+    return load(path, weights=weights, trust_checkpoint=trust_checkpoint)
 
 
 def build_student(student_cfg: dict, weights: str, teacher_dim: int, trust_checkpoint: bool):
@@ -247,7 +251,6 @@ def distill(cfg: dict, teacher, student, store, train_set, select_fn, out: Path,
 
 
 def run(args: argparse.Namespace) -> int:
-    from promptkd import artifacts
     from promptkd import config as cfgmod
     from promptkd.engine import distributed as D
     from promptkd.engine.loop import resolve_device
@@ -257,21 +260,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = Path(args.out)
         cfg = resolve_config(args.config, args.overrides, args.seed)
+        if (out / "checkpoints" / "last.pt").is_file() and not args.resume:
+            raise ValueError(f"{out}: holds an earlier run (checkpoints/last.pt); pass --resume or choose another --out")
         store = ClassVectorStore.load(args.class_vectors)
-        _, teacher_meta = artifacts.read_meta(args.teacher)
+        device = resolve_device(cfg["train"]["device"])
+        teacher, teacher_meta = load_teacher(args.teacher, args.teacher_weights, args.trust_checkpoint)
         run_info = {"config_source": args.config, "data_root": args.data_root, "teacher": str(args.teacher),
                     "class_vectors": str(args.class_vectors), "student_weights": str(args.student_weights),
                     "store_fingerprint": store.fingerprint(),
                     "teacher_adapter_sha256": teacher_meta.get("adapter_sha256")}
-        has_checkpoint = (out / "checkpoints" / "last.pt").is_file()
-        if has_checkpoint and not args.resume:
-            raise ValueError(f"{out}: holds an earlier run (checkpoints/last.pt); pass --resume or choose another --out")
         if args.resume and (out / "config.yaml").is_file() and (out / "run.json").is_file():
             check_resume(cfgmod.load_yaml(out / "config.yaml"), cfg, json.loads((out / "run.json").read_text()),
                          run_info, out / "config.yaml")
-
-        device = resolve_device(cfg["train"]["device"])
-        teacher, _ = load_teacher(args.teacher, args.teacher_weights, args.trust_checkpoint)
         check_store_matches_teacher(store, teacher, str(args.class_vectors))
         student = build_student(cfg["student"], args.student_weights, store.dim, args.trust_checkpoint)
         teacher, student = teacher.to(device), student.to(device)
