@@ -287,3 +287,11 @@ def test_real_tokens_through_a_tiny_clip_text_tower(tok):
         # while a word before EOT does
         changed = tok(["a photo of a dog."])
         assert not torch.allclose(model.encode_text(changed)[0], feats[0], atol=1e-3)
+
+
+def test_plain_text_openai_merges_file(tok, tmp_path):
+    plain = tmp_path / "bpe_simple_vocab_16e6.txt"
+    with gzip.open(default_vocab_path(), "rt", encoding="utf-8") as fh:
+        plain.write_text(fh.read(), encoding="utf-8")
+    other = Tokenizer(plain)
+    assert other.encoder == tok.encoder and other.encode("naïve café 🐶") == tok.encode("naïve café 🐶")
