@@ -16,8 +16,8 @@ pooling (``argmax`` of the ids, EOT having the largest id) still finds it.
 Vocabulary: the packaged ``assets/bpe_simple_vocab_16e6.txt.gz`` is OpenAI CLIP's merges file
 (https://github.com/openai/CLIP, MIT licence, Copyright (c) 2021 OpenAI), unchanged. The vocabulary
 is derived from it: 256 byte characters, the same with ``</w>``, the first 48,894 merges, then the two
-special tokens (49,408 entries). A Hugging Face tokenizer folder (``vocab.json`` + ``merges.txt``)
-works too (:meth:`Tokenizer.from_hf_dir`).
+special tokens (49,408 entries). A Hugging Face tokenizer folder (``vocab.json`` + ``merges.txt``,
+or a ``tokenizer.json``) works too (:meth:`Tokenizer.from_hf_dir`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-# Text ftfy.fix_text provably returns unchanged: printable ASCII, tab and newline, without "&" (the
+# Text ftfy.fix_text returns unchanged (by its list of fixes; tests/test_tokenizer.py checks it): printable ASCII, tab and newline, without "&" (the
 # only ASCII character that starts something ftfy rewrites, an HTML entity). Every other ftfy fix
 # needs a non-ASCII character, an escape (0x1b), "\r" or another control character. Skipping ftfy
 # for such text halves the time of tokenising ordinary prompts.
