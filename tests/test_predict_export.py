@@ -7,6 +7,7 @@ tests independent of CLIP; tests/test_e2e_cli.py and the CLIP test below run the
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -188,3 +189,93 @@ def test_unreadable_image_is_named(student_dir, tmp_path, capsys):
     bad.write_bytes(b"\xff\xd8 truncated")
     assert main(["predict", str(bad), "--student", str(folder)]) == 2
     assert "broken.jpg" in capsys.readouterr().err
+
+
+# --- the real CLIP student: prediction never builds a text tower nor loads the tokenizer ----------------
+
+_NO_TEXT_SCRIPT = r"""
+import importlib.abc, json, sys
+class BlockTokenizer(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "promptkd.models.tokenizer":
+            raise ImportError("the tokenizer must not be imported at prediction time")
+        return None
+sys.meta_path.insert(0, BlockTokenizer())
+from promptkd.models import clip as clip_module
+built = []
+original = clip_module.CLIP.__init__
+def guarded(self, cfg):
+    if cfg.text is not None:
+        raise AssertionError("a CLIP text tower was constructed at prediction time")
+    built.append(cfg)
+    original(self, cfg)
+clip_module.CLIP.__init__ = guarded
+from promptkd.cli import main
+from promptkd.serve import load_student
+argv = json.loads(sys.argv[1])
+code = main(argv)
+loaded = load_student(argv[argv.index("--student") + 1])
+names = [n for n, _ in loaded.student.named_parameters()]
+assert names and all(n.startswith(("clip.visual.", "clip.logit_scale", "vision_prompts.", "projector.")) for n in names), names
+assert "promptkd.models.tokenizer" not in sys.modules
+print(json.dumps({"code": code, "built": len(built)}))
+"""
+
+
+@pytest.fixture
+def clip_student_dir(tmp_path):
+    from promptkd.models.clip import tiny_clip
+    from promptkd.models.clip_backbones import load_clip_student
+    from promptkd.models.prompts import PromptConfig
+    from promptkd.models.weights import save_clip
+
+    torch.manual_seed(0)
+    weights = save_clip(tiny_clip(seed=1, width=32, layers=1, image_size=32, patch_size=8), tmp_path / "clip.safetensors")
+    prompts = PromptConfig(n_ctx_text=0, text_depth=0, ctx_init=None, n_ctx_vision=2, vision_depth=1)
+    student = load_clip_student(weights, teacher_dim=24, prompts=prompts)
+    with torch.no_grad():
+        for p in student.trainable_parameters():
+            p.normal_(0, 0.2)
+    store = ClassVectorStore(torch.nn.functional.normalize(torch.randn(4, 24), dim=-1), CLASSES, 100.0)
+    return save_adapter(student.eval(), tmp_path / "student", "student", store=store), student
+
+
+def test_clip_student_predicts_without_text_tower_or_tokenizer(clip_student_dir, tmp_path):
+    import subprocess
+
+    folder, _ = clip_student_dir
+    paths = _images(tmp_path, 2)
+    argv = ["predict", *paths, "--student", str(folder), "--top-k", "3", "--json"]
+    proc = subprocess.run([sys.executable, "-c", _NO_TEXT_SCRIPT, json.dumps(argv)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    status = json.loads(lines[-1])
+    assert status["code"] == 0 and status["built"] >= 1  # image-only CLIPs were built, no text tower
+    preds = json.loads("\n".join(lines[:-1]))
+    assert [len(p["predictions"]) for p in preds] == [3, 3]
+    assert {p["predictions"][0]["class_name"] for p in preds} <= set(CLASSES)
+
+
+def test_clip_student_onnx_and_bundle(clip_student_dir, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    folder, student = clip_student_dir
+    loaded = load_student(folder)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = loaded.classifier("probabilities")(x).numpy()
+    path = export_onnx(loaded, tmp_path / "clip_student.onnx")
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(path)))
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    # the bundle loads with the CLIP weights file gone
+    bundle = tmp_path / "bundle.safetensors"
+    assert main(["export", "--student", str(folder), "--format", "safetensors", "--out", str(bundle)]) == 0
+    (tmp_path / "clip.safetensors").unlink()
+    again = load_student(bundle)
+    with torch.no_grad():
+        np.testing.assert_allclose(again.classifier("probabilities")(x).numpy(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="clip.safetensors"):
+        load_student(folder)  # the folder needs the original weights file

@@ -180,6 +180,7 @@ def export_onnx(loaded: LoadedStudent, out: str | os.PathLike, *, output: str = 
     dummy = torch.zeros(batch_size, loaded.image_spec.channels, size, size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's notice
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # input shape checks, fixed at trace
         torch.onnx.export(
             model, (dummy,), str(out), dynamo=False, input_names=["images"], output_names=[output],
             dynamic_axes={"images": {0: "batch"}, output: {0: "batch"}}, opset_version=opset,
