@@ -432,11 +432,13 @@ def zeroshot_classifier(clip_weights: str | Path, bench, *, device: torch.device
                         templates: str = "coop", trust_checkpoint: bool = False) -> ImageClassifier:
     """Frozen CLIP: un-prompted image tower + frozen text tower over a template set (CoOp's by default,
     as the paper's CLIP rows)."""
-    from promptkd.methods.teacher_io import build_teacher
     from promptkd.methods.templates import template_set
     from promptkd.methods.zeroshot import zeroshot_store
+    from promptkd.models.clip_backbones import load_clip_teacher
+    from promptkd.models.prompts import PromptConfig
 
-    clip = build_teacher(clip_weights, trust_checkpoint=trust_checkpoint).to(device).eval()
+    no_prompts = PromptConfig(n_ctx_text=0, text_depth=0, ctx_init=None, n_ctx_vision=0, vision_depth=0)
+    clip = load_clip_teacher(clip_weights, no_prompts, trust_checkpoint=trust_checkpoint, device=device).eval()
     store = zeroshot_store(clip, bench.classnames, template_set(templates, bench.name))
 
     def encode(images: Tensor) -> Tensor:
