@@ -240,12 +240,12 @@ def _read_hf_dir(path: Path) -> tuple[dict[str, Tensor], dict]:
 # architecture inference
 
 
-def _layer_count(state: dict[str, Tensor], prefix: str) -> int:
+def _layer_count(state: dict[str, Tensor], prefix: str, source: str) -> int:
     pat = re.compile(re.escape(prefix) + r"(\d+)\.")
     found = {int(m[1]) for k in state if (m := pat.match(k))}
     if found and found != set(range(len(found))):
         missing = sorted(set(range(max(found) + 1)) - found)
-        raise ValueError(f"{prefix}N: layers {missing} are missing")
+        raise ValueError(f"{source}: {prefix}N: layers {missing} are missing")
     return len(found)
 
 
@@ -275,14 +275,14 @@ def infer_config(state: dict[str, Tensor], source: str = "<state dict>", act: st
     grid = round((positions - 1) ** 0.5)
     if grid * grid + 1 != positions:
         raise ValueError(f"{source}: visual.positional_embedding has {positions} rows, not 1 + a square grid")
-    v_layers = _layer_count(state, "visual.transformer.resblocks.")
+    v_layers = _layer_count(state, "visual.transformer.resblocks.", source)
     vision = VisionConfig(width=width, layers=v_layers, heads=_heads_from_hf(hf_config, "vision", width),
                           patch_size=patch, image_size=patch * grid,
                           mlp_width=_need(state, "visual.transformer.resblocks.0.mlp.c_fc.weight", source).shape[0])
     text = None
     if "token_embedding.weight" in state:
         t_width = _need(state, "ln_final.weight", source).shape[0]
-        text = TextConfig(width=t_width, layers=_layer_count(state, "transformer.resblocks."),
+        text = TextConfig(width=t_width, layers=_layer_count(state, "transformer.resblocks.", source),
                           heads=_heads_from_hf(hf_config, "text", t_width),
                           context_length=_need(state, "positional_embedding", source).shape[0],
                           vocab_size=state["token_embedding.weight"].shape[0],
