@@ -52,7 +52,9 @@ def build_teacher(weights: str | Path, prompt_cfg: dict | None = None, *, trust_
     from promptkd.models.prompts import PromptConfig
 
     prompts = PromptConfig.from_dict({**PROMPT_DEFAULTS, **(prompt_cfg or {})})
-    return load_clip_teacher(str(weights), prompts, trust_checkpoint=trust_checkpoint, device=device)
+    # the absolute path is recorded in the identity, so the artefact loads from any working directory
+    return load_clip_teacher(str(Path(weights).expanduser().resolve()), prompts, trust_checkpoint=trust_checkpoint,
+                             device=device)
 
 
 def _is_artefact(path: Path) -> bool:

@@ -1,0 +1,114 @@
+"""`promptkd train-teacher`, `class-vectors` and `convert-teacher` on a tiny fixture and tiny CLIP files."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from promptkd import config as cfgmod
+from promptkd.cli import main
+from promptkd.methods import teacher_io
+from promptkd.store import ClassListMismatch, ClassVectorStore
+
+FAST = ["--set", "train.epochs=2", "--set", "train.batch_size=2", "--set", "train.precision=fp32",
+        "--set", "train.num_workers=0", "--set", "train.device=cpu", "--set", "data.shots=2",
+        "--set", "teacher.text_depth=2", "--set", "teacher.vision_depth=2", "--set", "method.gpa_mean=2",
+        "--set", "method.templates=imagenet_select"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from promptkd.data.fixtures import make_fixture
+    from promptkd.models.clip import tiny_clip
+    from promptkd.models.weights import save_clip
+
+    root = tmp_path_factory.mktemp("teacher_cli")
+    make_fixture(root / "data", "Caltech101", classes=4, per_class=2, test_per_class=1)
+    save_clip(tiny_clip(seed=1, width=32, layers=2, image_size=32, patch_size=8), root / "clip.safetensors")
+    return root
+
+
+def _cli(argv) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.mark.filterwarnings("ignore:.*fewer than .* images:UserWarning")
+def test_train_teacher_interrupted_then_resumed_then_class_vectors(world, capsys):
+    out = world / "runs" / "teacher"
+    base = ["train-teacher", "--data-root", world / "data", "--dataset", "Caltech101",
+            "--clip-weights", world / "clip.safetensors", "--out", out]
+    assert _cli([*base, "--seed", "2", *FAST, "--set", "train.max_steps=3"]) == 0
+    assert not (out / "adapter.json").exists() and (out / "checkpoints" / "last.pt").is_file()
+    assert _cli([*base, "--seed", "2", *FAST]) == 2  # an earlier run is never overwritten silently
+    assert "pass --resume" in capsys.readouterr().err
+    assert _cli([*base, "--resume", "--set", "train.lr=0.1"]) == 2  # a setting that changes the result
+    assert "train.lr" in capsys.readouterr().err
+    assert _cli([*base, "--resume"]) == 0  # the saved config is reused, the stop point is not
+    saved = cfgmod.load_yaml(out / "config.yaml")
+    assert saved["train"]["seed"] == 2 and saved["data"]["classes"] == "base" and saved["train"]["max_steps"] is None
+    teacher, meta = teacher_io.load_teacher(out)
+    assert meta["class_names"] == ["face", "leopard"]  # the 2 base classes of the 4-class fixture
+    assert meta["config"]["method"]["method"] == "promptsrc"
+
+    vectors = world / "runs" / "class_vectors.safetensors"
+    assert _cli(["class-vectors", "--teacher", out, "--dataset", "Caltech101", "--data-root", world / "data",
+                 "--out", vectors, "--device", "cpu"]) == 0
+    all_classes = ["face", "leopard", "motorbike", "accordion"]
+    store = ClassVectorStore.load(vectors, expect_classes=all_classes)
+    with torch.no_grad():
+        expected = F.normalize(teacher.encode_class_names(all_classes).float(), dim=-1)
+    assert torch.equal(store.vectors, expected) and store.teacher == teacher.identity()
+    with pytest.raises(ClassListMismatch, match="class_vectors.safetensors.*4 classes but the dataset has 2"):
+        ClassVectorStore.load(vectors, expect_classes=all_classes[:2])
+
+
+def _save_dassl(path, clip_path, text, vision, foreign_object: bool):
+    """A checkpoint in the authors' layout around the CLIP in ``clip_path``."""
+    from safetensors.torch import load_file
+
+    sd = {}
+    for key, value in load_file(str(clip_path)).items():
+        if key.startswith("visual."):
+            sd["image_encoder." + key[len("visual."):]] = value
+        elif key != "token_embedding.weight":
+            sd[("text_encoder." + key) if key != "logit_scale" else key] = value
+    sd["prompt_learner.ctx"] = text[0]
+    sd["image_encoder.VPT"] = vision[0]
+    sd["text_encoder.transformer.resblocks.1.VPT_shallow"] = text[1]
+    sd["image_encoder.transformer.resblocks.1.VPT_shallow"] = vision[1]
+    payload = {"state_dict": sd, "epoch": 20, "val_result": 90.0}
+    if foreign_object:
+        payload["scheduler"] = {"successor": torch.optim.lr_scheduler.LambdaLR}  # a pickled class reference
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+
+
+def test_convert_teacher_needs_trust_and_reproduces_hand_set_prompts(world, capsys):
+    torch.manual_seed(0)
+    text = [torch.randn(4, 32) * 0.1 for _ in range(2)]
+    vision = [torch.randn(4, 32) * 0.1 for _ in range(2)]
+    src = world / "authors" / "OxfordPets" / "VLPromptLearner" / "model.pth.tar-20"
+    _save_dassl(src, world / "clip.safetensors", text, vision, foreign_object=True)
+    out = world / "converted"
+    argv = ["convert-teacher", src, "--clip-weights", world / "clip.safetensors", "--out", out]
+    assert _cli(argv) == 2
+    assert "--trust-checkpoint" in capsys.readouterr().err and not out.exists()
+    assert _cli([*argv, "--trust-checkpoint"]) == 0
+    converted, meta = teacher_io.load_teacher(out)
+    assert meta["config"]["converted_from"]["epoch"] == 20
+
+    by_hand = teacher_io.build_teacher(world / "clip.safetensors", {"text_depth": 2, "vision_depth": 2})
+    with torch.no_grad():
+        for i in range(2):
+            by_hand.text_prompts.ctx[i] = text[i]
+            by_hand.vision_prompts.ctx[i] = vision[i]
+    by_hand.eval()
+    images, names = torch.randn(3, 3, 32, 32), ["pug", "beagle", "persian"]
+    with torch.no_grad():
+        got = F.normalize(converted.encode_image(images), dim=-1) @ F.normalize(
+            converted.encode_class_names(names), dim=-1).t()
+        want = F.normalize(by_hand.encode_image(images), dim=-1) @ F.normalize(
+            by_hand.encode_class_names(names), dim=-1).t()
+    assert torch.equal(got, want)
+    # reading the authors' file directly works too (converted on the fly)
+    direct, _ = teacher_io.load_teacher(src, weights=world / "clip.safetensors", trust_checkpoint=True)
+    assert torch.equal(direct.vision_prompts.ctx, converted.vision_prompts.ctx)
