@@ -112,3 +112,22 @@ def test_convert_teacher_needs_trust_and_reproduces_hand_set_prompts(world, caps
     # reading the authors' file directly works too (converted on the fly)
     direct, _ = teacher_io.load_teacher(src, weights=world / "clip.safetensors", trust_checkpoint=True)
     assert torch.equal(direct.vision_prompts.ctx, converted.vision_prompts.ctx)
+
+
+@pytest.mark.parametrize("preset,classes", [("teacher/base2novel", "base"), ("teacher/imagenet_all", "all")])
+def test_presets_hold_the_papers_teacher_settings(preset, classes):
+    from promptkd.cli.teacher_cmd import resolve_config
+    from promptkd.methods.promptsrc import resolve_templates
+
+    cfg = resolve_config(preset, [], seed=3)
+    assert cfg["data"] == {"classes": classes, "shots": 16, "on_bad_image": "skip"}
+    assert cfg["teacher"] == {"n_ctx_text": 4, "text_depth": 9, "ctx_init": "a photo of a", "n_ctx_vision": 4,
+                              "vision_depth": 9}
+    m, t = cfg["method"], cfg["train"]
+    assert (m["method"], m["image_loss_weight"], m["text_loss_weight"], m["logits_loss_weight"]) == ("promptsrc", 10, 25, 1)
+    assert (m["gpa_mean"], m["gpa_std"], len(resolve_templates(m["templates"]))) == (15, 1, 60)
+    assert (t["epochs"], t["batch_size"], t["lr"], t["warmup_epochs"], t["warmup_lr"], t["seed"]) == (20, 8, 0.005, 1, 1e-5, 3)
+    coop = resolve_config(preset, ["method.method=coop"], seed=1)
+    assert (coop["teacher"]["text_depth"], coop["teacher"]["vision_depth"]) == (1, 0)
+    with pytest.raises(ValueError, match="unknown config key 'teacher.depth'"):
+        resolve_config(preset, ["teacher.depth=3"], seed=1)
