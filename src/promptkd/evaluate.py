@@ -404,7 +404,7 @@ def student_classifier(path: str | Path, *, device: torch.device | str = "cpu", 
 
     loaded = load_student(path, device=device, **builder_options)
     source = {"student": str(path), "store_fingerprint": loaded.store.fingerprint(),
-              "adapter_sha256": loaded.meta.get("adapter_sha256")}
+              "adapter_sha256": loaded.meta.get("adapter_sha256"), "selection_record": loaded.meta.get("selection")}
     return ImageClassifier(loaded.student, loaded.store, loaded.image_spec, "student", selection_of(loaded.meta), source)
 
 
