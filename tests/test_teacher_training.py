@@ -86,8 +86,11 @@ def test_teacher_artefact_round_trip(tmp_path):
     assert torch.equal(loaded.encode_image(images), teacher.encode_image(images))
     assert torch.equal(loaded.encode_class_names(NAMES), teacher.encode_class_names(NAMES))
     assert meta["class_names"] == NAMES and not any(p.requires_grad for p in loaded.parameters())
+    again, _ = teacher_io.load_teacher(tmp_path / "t" / artifacts.TENSORS)  # the tensor file names its folder
+    assert torch.equal(again.vision_prompts.ctx, teacher.vision_prompts.ctx)
+    (tmp_path / "other.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="--clip-weights"):
-        teacher_io.load_teacher(tmp_path / "t" / artifacts.TENSORS)
+        teacher_io.load_teacher(tmp_path / "other.pt")
 
 
 class _Images(Dataset):

@@ -60,7 +60,9 @@ def build_teacher(weights: str | Path, prompt_cfg: dict | None = None, *, trust_
 def _is_artefact(path: Path) -> bool:
     from promptkd import artifacts
 
-    return (path / artifacts.META).is_file() or path.name == artifacts.META
+    if path.is_dir():
+        return (path / artifacts.META).is_file()
+    return path.name in (artifacts.META, artifacts.TENSORS)
 
 
 def load_teacher(path: str | Path, weights: str | Path | None = None, trust_checkpoint: bool = False):
@@ -73,7 +75,7 @@ def load_teacher(path: str | Path, weights: str | Path | None = None, trust_chec
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"teacher not found: {p}")
-    if p.is_dir() and _is_artefact(p) or p.name == artifacts.META:
+    if _is_artefact(p):
         options: dict = {"trust_checkpoint": trust_checkpoint}
         if weights:
             options["weights"] = str(weights)
@@ -166,7 +168,9 @@ def convert_dassl_teacher(src: str | Path, weights: str | Path, out_dir: str | P
     from promptkd import artifacts
 
     teacher, meta = teacher_from_dassl(src, weights, trust_checkpoint=trust_checkpoint)
-    config = {"stage": "teacher", "converted_from": meta["dassl"], "teacher": meta["prompt_config"],
+    source = meta["dassl"].get("source", str(src))
+    converted_from = {**meta["dassl"], "sha256": artifacts.file_sha256(source)}
+    config = {"stage": "teacher", "converted_from": converted_from, "teacher": meta["prompt_config"],
               "method": {"method": "promptsrc"}}
     return artifacts.save_adapter(teacher, out_dir, "teacher", class_names=list(class_names) if class_names else None,
                                   config=config)
