@@ -103,6 +103,8 @@ def test_missing_seed_dataset_and_mixed_selection_are_flagged(runs, tmp_path):
     assert any("junk/results.json: skipped" in p and "missing key(s)" in p for p in rep.problems)
     assert any(p.startswith("duplicate zeroshot DTD seed 1") for p in rep.problems)
     assert "| **Average (2 datasets)** |" in md and "| **Average (3 datasets)** |" in md
+    overview = next(line for line in md.splitlines() if line.startswith("| **Average** |"))
+    assert overview.count("(2 datasets)") == 1  # the student's average covers Caltech101 and DTD only
 
 
 def test_accuracy_protocols_and_plot(tmp_path):

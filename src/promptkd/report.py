@@ -267,6 +267,14 @@ def base_to_novel_table(records: Iterable[Record], seeds: Sequence[int] | None =
         out.write(f"| {d} | " + " | ".join(
             (_fmt(c.hm(), c.stat("hm").std) + c.marks()) if c else "—" for c in cells_d)
             + f" | {_fmt(ref.hm if ref else None)} |\n")
+    if len(datasets) > 1:
+        avgs = []
+        for m in models:
+            mc = [cells[(m, d)] for d in datasets if (m, d) in cells]
+            a = _average_b2n(mc)
+            avgs.append(_fmt(a["hm"], a["hm_std"]) + ("" if len(mc) == len(datasets) else f" ({len(mc)} datasets)"))
+        ref = paper.base_to_novel_average(paper.PROMPTKD, datasets)
+        out.write("| **Average** | " + " | ".join(avgs) + f" | {_fmt(ref.hm if ref else None)} |\n")
     out.write("\n")
 
     for m in models:
