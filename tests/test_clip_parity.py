@@ -241,3 +241,13 @@ def test_not_a_checkpoint(tmp_path):
         load_clip(tmp_path / "absent.safetensors")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_clip(tmp_path)
+
+
+def test_other_models_are_named(tmp_path):
+    dassl = {"prompt_learner.ctx": torch.zeros(4, 8), "image_encoder.conv1.weight": torch.zeros(8, 3, 4, 4)}
+    resnet = {"visual.layer1.0.conv1.weight": torch.zeros(4, 4, 1, 1), "visual.attnpool.c_proj.weight": torch.zeros(4, 4)}
+    for name, state, pattern in (("dassl", dassl, "convert-teacher"), ("rn50", resnet, "ResNet")):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(state, str(path))
+        with pytest.raises(ValueError, match=pattern):
+            load_clip(path)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from promptkd.models import backbones
 from promptkd.models.backbones import ImageSpec, Student, Teacher
-from promptkd.models.clip import CLIP, CLIPConfig, random_clip, tiny_clip_config
+from promptkd.models.clip import CLIP, CLIPConfig, random_clip, tiny_clip, tiny_clip_config, tiny_clip_state_dict
 from promptkd.models.projector import PROJECTORS, build_projector
 from promptkd.models.prompts import PromptConfig, TextPrompts, VisionPrompts, check_depth
 
@@ -39,7 +39,7 @@ def tensors_sha256(state: dict[str, Tensor]) -> str:
     for key in sorted(state):
         t = state[key].detach().to("cpu", torch.float32).contiguous()
         h.update(f"{key}:{tuple(t.shape)};".encode())
-        h.update(t.numpy().tobytes())
+        h.update(memoryview(t.numpy()).cast("B"))
     return h.hexdigest()
 
 
@@ -221,7 +221,7 @@ def load_clip_teacher(path: str | Path, prompts: PromptConfig | dict | None = No
     from promptkd.models.weights import load_clip
 
     loaded = load_clip(path, trust_checkpoint=trust_checkpoint, device=device, dtype=dtype, with_info=True)
-    return ClipTeacher(loaded.model, prompts, tokenizer=tokenizer, weights=str(path), weights_sha256=loaded.sha256,
+    return ClipTeacher(loaded.model, prompts, tokenizer=tokenizer, weights=loaded.source, weights_sha256=loaded.sha256,
                        prompt_seed=prompt_seed)
 
 
@@ -234,7 +234,7 @@ def load_clip_student(path: str | Path, teacher_dim: int, prompts: PromptConfig 
 
     loaded = load_clip(path, trust_checkpoint=trust_checkpoint, device=device, dtype=dtype, image_only=True,
                        with_info=True)
-    return ClipStudent(loaded.model, teacher_dim, prompts, projector=projector, weights=str(path),
+    return ClipStudent(loaded.model, teacher_dim, prompts, projector=projector, weights=loaded.source,
                        weights_sha256=loaded.sha256, prompt_seed=prompt_seed)
 
 
@@ -283,7 +283,7 @@ def _frozen_clip(identity: dict, image_only_tower: bool, weights: str | None, tr
         if recorded and loaded.sha256 != recorded:
             raise ValueError(f"{path}: these CLIP weights (sha256 {loaded.sha256[:12]}...) are not the ones the "
                              f"artefact was trained with (sha256 {recorded[:12]}...)")
-        return loaded.model, str(path), loaded.sha256, None
+        return loaded.model, loaded.source, loaded.sha256, None
     if seed is not None:
         full = CLIPConfig.from_dict(identity["arch"])
         clip = random_clip(full, int(seed))
@@ -317,4 +317,5 @@ backbones.register_builder("clip", "teacher", build_teacher)
 backbones.register_builder("clip", "student", build_student)
 
 __all__ = ["ClipTeacher", "ClipStudent", "load_clip_teacher", "load_clip_student", "tiny_clip_teacher",
-           "tiny_clip_student", "tensors_sha256", "image_only", "STUDENT_PROMPTS"]
+           "tiny_clip_student", "tiny_clip", "tiny_clip_state_dict", "tiny_clip_config", "tensors_sha256",
+           "image_only", "STUDENT_PROMPTS"]

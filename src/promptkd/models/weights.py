@@ -313,6 +313,7 @@ def read_clip_checkpoint(path: str | Path, trust_checkpoint: bool = False, act: 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
+    path = path.resolve()
     hf_cfg, meta, notes = None, {}, []
     if path.is_dir():
         raw, hf_cfg = _read_hf_dir(path)
@@ -386,7 +387,8 @@ def load_clip(path: str | Path, trust_checkpoint: bool = False, device: str | to
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
     if not with_info:
         return model
-    return LoadedClip(model, tensors_sha256(model.state_dict()), ckpt.source, ckpt.format)
+    # checksum of the tensors as stored (before any dtype change), so it names the weights, not the run
+    return LoadedClip(model, tensors_sha256(state), ckpt.source, ckpt.format)
 
 
 def save_clip(model_or_state: CLIP | dict[str, Tensor], path: str | Path, config: CLIPConfig | None = None) -> Path:
