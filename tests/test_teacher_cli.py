@@ -47,7 +47,7 @@ def test_train_teacher_interrupted_then_resumed_then_class_vectors(world, capsys
     assert saved["train"]["seed"] == 2 and saved["data"]["classes"] == "base" and saved["train"]["max_steps"] is None
     teacher, meta = teacher_io.load_teacher(out)
     assert meta["class_names"] == ["face", "leopard"]  # the 2 base classes of the 4-class fixture
-    assert meta["config"]["method"]["method"] == "promptsrc"
+    assert meta["config"]["method"]["method"] == "promptsrc" and meta["selection"] == "gpa"
 
     vectors = world / "runs" / "class_vectors.safetensors"
     assert _cli(["class-vectors", "--teacher", out, "--dataset", "Caltech101", "--data-root", world / "data",
@@ -94,7 +94,7 @@ def test_convert_teacher_needs_trust_and_reproduces_hand_set_prompts(world, caps
     assert "--trust-checkpoint" in capsys.readouterr().err and not out.exists()
     assert _cli([*argv, "--trust-checkpoint"]) == 0
     converted, meta = teacher_io.load_teacher(out)
-    assert meta["config"]["converted_from"]["epoch"] == 20
+    assert meta["config"]["converted_from"]["epoch"] == 20 and meta["selection"] == "authors_model.pth.tar-20"
 
     by_hand = teacher_io.build_teacher(world / "clip.safetensors", {"text_depth": 2, "vision_depth": 2})
     with torch.no_grad():

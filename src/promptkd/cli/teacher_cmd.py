@@ -188,8 +188,10 @@ def run_train(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 0
     teacher.eval()
+    selection = "gpa" if module.cfg.uses_gpa else "last_epoch"  # the prompts kept: GPA aggregate or last epoch
     artifacts.save_adapter(teacher, out, "teacher", class_names=class_names,
-                           config={**copy.deepcopy(cfg), "dataset": bench_name, "stage": "teacher"})
+                           config={**copy.deepcopy(cfg), "dataset": bench_name, "stage": "teacher"},
+                           extra={"selection": selection})
     print(f"train-teacher: teacher artefact (adapter.safetensors + adapter.json) in {out}", file=sys.stderr)
     return 0
 

@@ -172,8 +172,12 @@ def convert_dassl_teacher(src: str | Path, weights: str | Path, out_dir: str | P
     converted_from = {**meta["dassl"], "sha256": artifacts.file_sha256(source)}
     config = {"stage": "teacher", "converted_from": converted_from, "teacher": meta["prompt_config"],
               "method": {"method": "promptsrc"}}
+    # the authors' model-best.pth.tar is the epoch best on their "val" split (= the base test set in their
+    # base-to-novel scripts); model.pth.tar-N is epoch N (20: the last, GPA-aggregated)
+    name = Path(source).name
+    selection = "authors_best_on_test" if name.startswith("model-best") else f"authors_{name}"
     return artifacts.save_adapter(teacher, out_dir, "teacher", class_names=list(class_names) if class_names else None,
-                                  config=config)
+                                  config=config, extra={"selection": selection})
 
 
 # --- class vectors -------------------------------------------------------------------------------------
