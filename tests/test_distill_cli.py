@@ -1,7 +1,7 @@
 """`promptkd distill`: presets, the run folder and artefact, resume, and clear errors.
 
-The CLIP student loader is replaced by the tiny stand-in student (``build_student`` is the one seam);
-the teacher goes through the real artefact path (save_adapter -> load_adapter via a registered builder).
+End to end on a fixture dataset with helper A's tiny random CLIP pair: the teacher goes through a real
+teacher artefact (save_adapter -> load_adapter), the student through a real CLIP weights file.
 """
 
 import json
@@ -16,12 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from promptkd import artifacts, config  # noqa: E402
 from promptkd.cli import distill_cmd, main  # noqa: E402
 from promptkd.data.fixtures import make_fixture  # noqa: E402
-from promptkd.models import backbones  # noqa: E402
+from promptkd.models.clip import tiny_clip  # noqa: E402
+from promptkd.models.weights import save_clip  # noqa: E402
 from promptkd.store import build_store  # noqa: E402
-from test_distill_module import TinyStudent, TinyTeacher  # noqa: E402
-
-backbones.register_builder("tiny-distill-test", "teacher", lambda identity, **_: TinyTeacher())
-backbones.register_builder("tiny-distill-test", "student", lambda identity, **_: TinyStudent())
+from test_distill_module import IMAGE, TinyTeacher  # noqa: E402
 
 B2N = ["imagenet", "caltech101", "oxfordpets", "stanfordcars", "flowers102", "food101", "fgvcaircraft",
        "sun397", "dtd", "eurosat", "ucf101"]
@@ -53,18 +51,20 @@ def test_bad_configs_are_refused_with_the_reason():
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch):
+def setup(tmp_path):
     fx = make_fixture(tmp_path / "data", "DTD", classes=4, per_class=4, test_per_class=2)
     teacher = TinyTeacher()
     with torch.no_grad():
-        teacher.encoder.prompts.add_(0.5)  # "trained" prompts: the artefact must carry them
+        # "trained" prompts, which the artefact must carry (a constant shift would vanish in LayerNorm)
+        teacher.text_prompts.ctx.add_(0.5 * torch.randn(teacher.text_prompts.ctx.shape, generator=torch.Generator().manual_seed(3)))
     artifacts.save_adapter(teacher, tmp_path / "teacher", "teacher", class_names=fx.classnames)
     build_store(teacher, fx.classnames).save(tmp_path / "cv.safetensors")
-    monkeypatch.setattr(distill_cmd, "build_student", lambda cfg, weights, dim, trust: TinyStudent(embed_dim=dim))
+    save_clip(tiny_clip(seed=1, width=32, layers=2, image_size=IMAGE), tmp_path / "student_clip.safetensors")
     base = ["distill", "--config", "distill/base2novel/dtd", "--data-root", str(tmp_path / "data"),
             "--teacher", str(tmp_path / "teacher"), "--class-vectors", str(tmp_path / "cv.safetensors"),
-            "--student-weights", "unused.pt", "--set", "train.epochs=2", "--set", "train.batch_size=4",
-            "--set", "train.num_workers=0", "--set", "train.precision=fp32", "--set", "train.lr=0.05"]
+            "--student-weights", str(tmp_path / "student_clip.safetensors"), "--set", "student.depth=2",
+            "--set", "train.epochs=2", "--set", "train.batch_size=4", "--set", "train.num_workers=0",
+            "--set", "train.precision=fp32", "--set", "train.lr=0.01"]
     return tmp_path, fx, base
 
 
@@ -80,6 +80,7 @@ def test_distill_run_writes_config_logs_and_a_student_artefact(setup, capsys):
     rows = (out / "summary.csv").read_text().splitlines()
     assert len(rows) == 3 and "select_score" in rows[0] and "agreement" in rows[0]
     student, meta = artifacts.load_adapter(out, role="student")
+    assert meta["backbone"]["prompts"]["vision_depth"] == 2 and meta["backbone"]["teacher_dim"] == 48
     assert meta["selection"]["selection"].startswith("best_teacher_agreement")
     assert meta["selection"]["selected_epoch"] in (1, 2) and meta["protocol"] == "base2novel"
     assert meta["class_names"] == fx.classnames and (out / artifacts.STORE).is_file()
@@ -104,8 +105,11 @@ def test_paper_selection_is_labelled_and_interrupted_runs_resume(setup):
 
 def test_class_vectors_from_another_teacher_are_refused(setup, capsys):
     tmp_path, fx, base = setup
-    other = TinyTeacher()
-    other.identity = lambda: {"kind": "tiny-distill-test", "role": "teacher", "weights_sha256": "abc"}
+    other = TinyTeacher()  # same backbone and identity, other prompts: only the re-encoding check sees it
     build_store(other, fx.classnames).save(tmp_path / "cv.safetensors")
     assert main([*base, "--out", str(tmp_path / "x")]) == 2
-    assert "computed by another teacher" in capsys.readouterr().err
+    assert "computed by another teacher (re-encoding" in capsys.readouterr().err
+    wider = TinyTeacher(seed=5)  # other frozen weights: the identity differs
+    build_store(wider, fx.classnames).save(tmp_path / "cv.safetensors")
+    assert main([*base, "--out", str(tmp_path / "x")]) == 2
+    assert "identity differs in ['random_init_seed', 'sha256']" in capsys.readouterr().err

@@ -30,8 +30,13 @@ from test_distill_module import CLASSES, Images, TinyStudent, TinyTeacher  # noq
 STEPS = 6
 
 
+def models():
+    torch.manual_seed(0)  # the projector's initialisation draws from the global RNG
+    return TinyTeacher(), TinyStudent(projector="linear")
+
+
 def run(out_dir: str, batch_size: int, grad_accum: int = 1) -> None:
-    teacher, student = TinyTeacher(), TinyStudent(projector="linear")
+    teacher, student = models()
     module = DistillModule(teacher, student, build_store(teacher, CLASSES), kd_weight=1000.0)
     cfg = LoopConfig(epochs=2, batch_size=batch_size, grad_accum=grad_accum, lr=0.05, warmup_epochs=0,
                      num_workers=0, seed=4, max_steps=STEPS, log_every=1)
@@ -50,7 +55,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     ddp = torch.load(tmp_path / "ddp/checkpoints/last.pt", weights_only=True)
     assert single["global_step"] == ddp["global_step"] == STEPS
     assert ddp["config"]["world_size"] == 2 and len(ddp["rng"]) == 2
-    initial = TinyStudent(projector="linear").adapter_state_dict()
+    initial = models()[1].adapter_state_dict()
     assert set(single["trainable"]) == {f"student.{k}" for k in initial}
     for key, value in single["trainable"].items():
         assert not torch.equal(value, initial[key.removeprefix("student.")]), f"{key} did not train"

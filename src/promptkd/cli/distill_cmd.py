@@ -139,30 +139,43 @@ def load_teacher(path: str, weights: str | None, trust_checkpoint: bool):
     return load(path, weights=weights, trust_checkpoint=trust_checkpoint)
 
 
-def build_student(student_cfg: dict, weights: str, teacher_dim: int, trust_checkpoint: bool):
+def build_student(student_cfg: dict, weights: str, teacher_dim: int, trust_checkpoint: bool, seed: int = 0):
     """The frozen CLIP image encoder with fresh VPT-deep prompts and a projector into ``teacher_dim``."""
     if student_cfg.get("kind", "clip") != "clip":
         raise ValueError(f"student.kind {student_cfg.get('kind')!r}: only 'clip' students are built here")
     from promptkd.models.clip_backbones import load_clip_student
 
-    return load_clip_student(weights, teacher_dim=teacher_dim, n_ctx=int(student_cfg["n_ctx"]),
-                             depth=int(student_cfg["depth"]), projector=student_cfg["projector"],
-                             trust_checkpoint=trust_checkpoint)
+    prompts = {"n_ctx_text": 0, "text_depth": 0, "ctx_init": None,
+               "n_ctx_vision": int(student_cfg["n_ctx"]), "vision_depth": int(student_cfg["depth"])}
+    return load_clip_student(weights, teacher_dim, prompts, projector=student_cfg["projector"],
+                             trust_checkpoint=trust_checkpoint, prompt_seed=seed)
+
+
+SPOT_CHECK_CLASSES = 4
+SPOT_CHECK_MIN_COSINE = 0.999
 
 
 def check_store_matches_teacher(store, teacher, where: str) -> None:
-    """The class vectors must come from this teacher (same identity, path-like entries aside)."""
-    if not store.teacher:
-        return
+    """The class vectors must come from THIS teacher: same identity (the weights path aside), and the
+    teacher re-encodes a few class names to the stored vectors (cosine >= 0.999), which also catches
+    other trained prompts on the same backbone."""
+    import torch
 
-    def comparable(identity: dict) -> dict:
-        return {k: v for k, v in _flat(identity).items() if "path" not in k.lower() and "file" not in k.lower()}
-
-    a, b = comparable(store.teacher), comparable(teacher.identity())
-    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if differ:
-        raise ValueError(f"{where}: these class vectors were computed by another teacher (differs in {differ[:6]}); "
-                         "run `promptkd class-vectors` with this teacher")
+    if store.teacher:
+        a = {k: v for k, v in _flat(store.teacher).items() if k != "weights"}
+        b = {k: v for k, v in _flat(teacher.identity()).items() if k != "weights"}
+        differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if differ:
+            raise ValueError(f"{where}: these class vectors were computed by another teacher (identity differs in "
+                             f"{differ[:6]}); run `promptkd class-vectors` with this teacher")
+    n = min(SPOT_CHECK_CLASSES, store.num_classes)
+    with torch.no_grad():
+        fresh = torch.nn.functional.normalize(teacher.encode_class_names(store.class_names[:n]).float().cpu(), dim=-1)
+    cosine = (fresh * store.vectors[:n].float()).sum(-1)
+    if float(cosine.min()) < SPOT_CHECK_MIN_COSINE:
+        raise ValueError(f"{where}: these class vectors were computed by another teacher (re-encoding "
+                         f"{store.class_names[:n]} gives cosine {float(cosine.min()):.4f} < {SPOT_CHECK_MIN_COSINE} "
+                         "with the stored vectors); run `promptkd class-vectors` with this teacher")
 
 
 # --- data -----------------------------------------------------------------------------------------------
@@ -273,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
             check_resume(cfgmod.load_yaml(out / "config.yaml"), cfg, json.loads((out / "run.json").read_text()),
                          run_info, out / "config.yaml")
         check_store_matches_teacher(store, teacher, str(args.class_vectors))
-        student = build_student(cfg["student"], args.student_weights, store.dim, args.trust_checkpoint)
+        student = build_student(cfg["student"], args.student_weights, store.dim, args.trust_checkpoint,
+                                seed=int(cfg["train"]["seed"]))
         teacher, student = teacher.to(device), student.to(device)
         spec_t, spec_s = teacher.image_spec, student.image_spec
         if (spec_t.size, spec_t.mean, spec_t.std) != (spec_s.size, spec_s.mean, spec_s.std):
