@@ -185,3 +185,21 @@ def test_image_only_file_loads_as_student_not_teacher(tmp_path):
     assert load_clip_student(path, teacher_dim=64, prompts=PromptConfig(vision_depth=1))(images()).shape == (2, 64)
     with pytest.raises(ValueError, match="needs the text tower"):
         load_clip_teacher(path, prompts=PROMPTS)
+
+
+def test_student_exports_to_onnx(tmp_path):
+    """The export path (TorchScript-based ONNX exporter) handles our attention and prompts; dynamic batch."""
+    ort = pytest.importorskip("onnxruntime")
+    import warnings
+
+    student = tiny_clip_student(seed=0, teacher_dim=48, prompts=PromptConfig(vision_depth=2)).eval()
+    path = tmp_path / "student.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(student, (images(1),), str(path), dynamo=False, input_names=["images"],
+                          output_names=["features"], dynamic_axes={"images": {0: "b"}, "features": {0: "b"}},
+                          opset_version=17)
+    x = images(3)
+    got = ort.InferenceSession(str(path)).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), student(x), rtol=1e-4, atol=1e-5)

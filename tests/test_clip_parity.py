@@ -144,6 +144,12 @@ def test_our_safetensors_keeps_heads_and_activation(hf_case, tmp_path):
     again = load_clip(path)
     assert again.cfg == model.cfg
     assert_same(ours(again, hf_case["images"], hf_case["tokens"]), hf_case["ref"], "our safetensors")
+    # `promptkd convert` on the HF folder writes the same kind of file
+    out = tmp_path / "converted.safetensors"
+    assert cli_main(["convert", str(hf_case["folder"]), str(out)]) == 0
+    converted = load_clip(out)
+    assert converted.cfg == model.cfg
+    assert_same(ours(converted, hf_case["images"], hf_case["tokens"]), hf_case["ref"], "converted HF folder")
 
 
 @pytest.fixture(scope="module")
