@@ -69,6 +69,9 @@ def test_plain_tensor_files_load_without_opt_in(tmp_path):
     path = tmp_path / "model-best.pth.tar"
     torch.save({"state_dict": _prompts_state(), "epoch": 7}, path)
     assert dassl_import.read_dassl_teacher(path).info["epoch"] == 7
+    torch.save({"state_dict": _prompts_state(), "epoch": 3}, tmp_path / "legacy.pth.tar",
+               _use_new_zipfile_serialization=False)  # the pre-1.6 torch.save format
+    assert dassl_import.read_dassl_teacher(tmp_path / "legacy.pth.tar").info["epoch"] == 3
     torch.save(_prompts_state(), tmp_path / "bare.pt")  # a bare state dict
     assert dassl_import.read_dassl_teacher(tmp_path / "bare.pt").text_depth == 3
 
