@@ -160,3 +160,17 @@ def test_zero_shot_rows_never_count_as_mixed_selection(tmp_path):
         write(root, "base2novel", "DTD", seed, "student", {"base": 80.0, "novel": 70.0}, selection="last_epoch")
     md = make_report(root, tmp_path / "out", plot=False).markdown
     assert "Mixed model-selection" not in md
+
+
+def test_selection_rules_across_model_kinds(tmp_path):
+    root = tmp_path / "runs"
+    write(root, "base2novel", "DTD", 1, "teacher", {"base": 80.0, "novel": 70.0}, selection="gpa")
+    write(root, "base2novel", "DTD", 1, "student", {"base": 80.0, "novel": 70.0}, selection="last_epoch")
+    md = make_report(root, tmp_path / "a", plot=False).markdown
+    assert "Mixed model-selection" not in md  # the normal pipeline: GPA teacher, last-epoch student
+    assert "### teacher (selection: gpa;" in md and "### student (selection: last_epoch;" in md
+    write(root, "base2novel", "DTD", 1, "student", {"base": 80.0, "novel": 70.0},
+          selection="best_base_test (paper; uses test labels)")
+    md = make_report(root, tmp_path / "b", plot=False).markdown
+    assert "**Mixed model-selection rules in this base2novel table**" in md
+    assert "some models were selected with test-set labels and others were not" in md

@@ -209,18 +209,35 @@ def _average_b2n(cells: list[Cell]) -> dict:
     return {"base": base, "novel": novel, "hm": paper.harmonic_mean(base, novel), "hm_std": hm_std}
 
 
+def uses_test_labels(selection: str) -> bool:
+    """Whether a selection rule picks the model with test-set labels (the authors' "best on base test")."""
+    return "test" in selection.lower()
+
+
 def _selection_notes(cells: Iterable[Cell], protocol: str) -> list[str]:
+    """Flag (a) one model kind whose runs were selected by different rules (they are averaged together),
+    (b) a table where some models were selected on test labels and others not. Different label-free
+    rules of different model kinds (teacher: GPA aggregate, student: last epoch) are the normal pipeline:
+    each section header names its rule."""
     by_model: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for c in cells:
         for r in c.records:
-            by_model[c.model][r.selection] += 1
-    rules = {sel for counts in by_model.values() for sel in counts if sel not in NO_SELECTION}
-    if len(rules) <= 1:
+            if r.selection not in NO_SELECTION:
+                by_model[c.model][r.selection] += 1
+    within = sorted(m for m, v in by_model.items() if len(v) > 1)
+    kinds = {uses_test_labels(sel) for v in by_model.values() for sel in v}
+    if not within and len(kinds) <= 1:
         return []
     parts = "; ".join(f"{m}: " + ", ".join(f"{s} ({n} run{'s' * (n > 1)})" for s, n in sorted(v.items()))
                       for m, v in sorted(by_model.items()))
-    return [f"**Mixed model-selection rules in this {protocol} table** ({parts}). Numbers chosen by "
-            "different rules (e.g. last epoch vs best on the test set) are not directly comparable."]
+    why = []
+    if within:
+        why.append(f"runs of the same model kind ({', '.join(within)}) were selected by different rules and are "
+                   "averaged together")
+    if len(kinds) > 1:
+        why.append("some models were selected with test-set labels and others were not")
+    return [f"**Mixed model-selection rules in this {protocol} table** ({parts}): {'; '.join(why)}. "
+            "Such numbers are not directly comparable."]
 
 
 def _coverage_notes(cells: dict[tuple[str, str], Cell], models: list[str], datasets: list[str]) -> list[str]:
