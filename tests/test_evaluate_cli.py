@@ -125,3 +125,20 @@ def test_bad_combinations_are_clear(setup, capsys):
     assert main(["evaluate", "--model", "student", "--artefact", str(root / "student"), "--dataset", "Caltech101",
                  "--protocol", "domain_generalization", *base]) == 2
     assert "domain generalisation targets" in capsys.readouterr().err
+
+
+def test_unreadable_test_image_stops_with_its_name(setup, tmp_path, capsys):
+    import shutil
+
+    root, _, _ = setup
+    shutil.copytree(root / "data" / "caltech-101", tmp_path / "data" / "caltech-101")
+    bench = load_benchmark(tmp_path / "data", "Caltech101")
+    victim = bench.test[4].path
+    with open(victim, "wb") as f:
+        f.write(b"\xff\xd8 not a jpeg")
+    assert main(["evaluate", "--model", "student", "--artefact", str(root / "student"), "--data-root",
+                 str(tmp_path / "data"), "--dataset", "Caltech101", "--protocol", "base2novel", "--out",
+                 str(tmp_path / "out"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert victim in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -369,7 +369,7 @@ def evaluate_benchmark(
     progress: bool = True,
 ) -> EvalResult:
     """Features of every test image of ``bench`` (once), then the protocol's metrics."""
-    from promptkd.data.loader import LabelledImages, make_loader
+    from promptkd.data.loader import BadImageError, LabelledImages, make_loader
     from promptkd.serve import preprocess_for
 
     check_protocol_dataset(protocol, bench)
@@ -378,9 +378,12 @@ def evaluate_benchmark(
     # a test image that cannot be read must stop the evaluation, not be replaced by another one
     dataset = LabelledImages(bench.test, preprocess_for(classifier.image_spec), on_bad_image="error")
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
-    feats, labels = extract_features(classifier.encode_image, loader, device=device,
-                                     amp_dtype=PRECISIONS[precision], progress=progress,
-                                     desc=f"{classifier.model} {bench.name} test")
+    try:
+        feats, labels = extract_features(classifier.encode_image, loader, device=device,
+                                         amp_dtype=PRECISIONS[precision], progress=progress,
+                                         desc=f"{classifier.model} {bench.name} test")
+    except BadImageError as exc:  # names the file; the CLI prints it as an error, not a traceback
+        raise ValueError(f"{bench.name} test split: {exc}") from exc
     return evaluate_features(feats, labels, classifier.store, bench.classnames, protocol, dataset=bench.name,
                              seed=seed, model=classifier.model, selection=classifier.selection,
                              imagenet_indices=bench.imagenet_indices, source=classifier.source)
