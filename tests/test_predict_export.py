@@ -126,6 +126,8 @@ def test_predict_cli_json_and_text(student_dir, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert [d["image"] for d in data] == paths and all(len(d["predictions"]) == 2 for d in data)
     assert all(d["predictions"][0]["probability"] >= d["predictions"][1]["probability"] for d in data)
+    assert main(["predict", str(tmp_path), "--student", str(folder), "--top-k", "1", "--json"]) == 0  # a folder
+    assert sorted(d["image"] for d in json.loads(capsys.readouterr().out)) == sorted(paths)
     assert main(["predict", paths[0], "--student", str(folder), "--top-k", "9"]) == 0  # k clipped to 4 classes
     out = capsys.readouterr().out.splitlines()
     assert out[0] == paths[0] and len(out) == 5 and out[1].lstrip().startswith("1. ")

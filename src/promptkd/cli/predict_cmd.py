@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("predict", help="classify images with a distilled student (no text encoder)",
                                    description=__doc__)
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (searched recursively)")
     parser.add_argument("--student", required=True, metavar="PATH",
                         help="student artefact folder, or a bundle written by `promptkd export --format safetensors`")
     parser.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
@@ -41,10 +42,12 @@ def builder_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from promptkd.data.benchmarks import list_images
     from promptkd.serve import format_predictions, load_student, predict
 
+    images = [p for arg in args.images for p in (list_images(arg) if Path(arg).is_dir() else [arg])]
     loaded = load_student(args.student, device=args.device, **builder_options(args))
-    preds = predict(loaded, args.images, top_k=args.top_k, batch_size=args.batch_size, device=args.device)
+    preds = predict(loaded, images, top_k=args.top_k, batch_size=args.batch_size, device=args.device)
     if args.json:
         print(json.dumps([p.to_json() for p in preds], indent=2))
     else:
