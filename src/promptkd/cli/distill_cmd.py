@@ -277,6 +277,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{out}: holds an earlier run (checkpoints/last.pt); pass --resume or choose another --out")
         store = ClassVectorStore.load(args.class_vectors)
         device = resolve_device(cfg["train"]["device"])
+        if device.type == "cpu" and cfg["train"]["precision"] == "fp16" and D.is_main():
+            print("distill: note: precision fp16 (the paper's GPU setting) on a CPU runs fp16 autocast without a "
+                  "gradient scaler and is often slower; consider --set train.precision=fp32 (or bf16)",
+                  file=sys.stderr)
         teacher, teacher_meta = load_teacher(args.teacher, args.teacher_weights, args.trust_checkpoint)
         run_info = {"config_source": args.config, "data_root": args.data_root, "teacher": str(args.teacher),
                     "class_vectors": str(args.class_vectors), "student_weights": str(args.student_weights),
