@@ -143,11 +143,11 @@ class ClipTeacher(_ClipBackbone, Teacher):
             raise ValueError("encode_class_names needs at least one class name")
         if not prompted or self.text_prompts is None:
             return self.encode_text([FROZEN_TEMPLATE.format(name) for name in class_names])
-        tokens = self.class_name_tokens(class_names).to(self.clip.logit_scale.device)
+        tokens = _trim_after_eot(self.class_name_tokens(class_names)).to(self.clip.logit_scale.device)
         return self.clip.encode_text(tokens, prompts=self.text_prompts)
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
-        tokens = self.tokenizer(list(texts), context_length=self.context_length)
+        tokens = _trim_after_eot(self.tokenizer(list(texts), context_length=self.context_length))
         return self.clip.encode_text(tokens.to(self.clip.logit_scale.device))
 
     def logit_scale(self) -> Tensor:
@@ -200,6 +200,16 @@ class ClipStudent(_ClipBackbone, Student):
     def identity(self) -> dict:
         return {**self._weights_identity(), "role": "student", "prompts": self.prompt_cfg.to_dict(),
                 "projector": self.projector_kind, "teacher_dim": self.embed_dim}
+
+
+def _trim_after_eot(tokens: Tensor) -> Tensor:
+    """Drop the padding columns after the batch's last EOT.
+
+    The text tower is causal, so the EOT output never sees later positions: cutting them changes
+    nothing but rounding, and makes every text pass (each PromptSRC step runs all class names with
+    gradients) several times cheaper than padding to 77 tokens."""
+    last = int(tokens.argmax(dim=-1).max()) + 1
+    return tokens[:, :last]
 
 
 def image_only(clip: CLIP) -> CLIP:
