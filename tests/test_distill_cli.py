@@ -113,3 +113,39 @@ def test_class_vectors_from_another_teacher_are_refused(setup, capsys):
     build_store(wider, fx.classnames).save(tmp_path / "cv.safetensors")
     assert main([*base, "--out", str(tmp_path / "x")]) == 2
     assert "identity differs in ['random_init_seed', 'sha256']" in capsys.readouterr().err
+
+
+def test_unlabelled_streams_transductive_inductive_folder_and_holdout(tmp_path):
+    from promptkd.data.fixtures import make_unlabelled_folder
+    from promptkd.models.backbones import ImageSpec
+    from promptkd.store import ClassVectorStore
+
+    fx = make_fixture(tmp_path / "data", "DTD", classes=4, per_class=4)
+    store = ClassVectorStore(torch.nn.functional.normalize(torch.randn(4, 8), dim=-1), fx.classnames, 100.0)
+    spec = ImageSpec(size=IMAGE)
+
+    def stream(*overrides):
+        cfg = distill_cmd.resolve_config("distill/base2novel/dtd", list(overrides), seed=1)
+        return distill_cmd.build_data(cfg, str(tmp_path / "data"), store, spec)
+
+    data, select_fn, info = stream()
+    assert info == {"source": "DTD transductive", "images": 16, "held_out": 0} and select_fn is None
+    assert set(data[0]) == {"image", "index"} and tuple(data[0]["image"].shape) == (3, IMAGE, IMAGE)
+    train_paths = {s.path for s in fx.splits["train"]}
+    assert set(data.paths) == train_paths  # every train image of every class, nothing from test/val
+
+    data, _, info = stream("data.unlabelled=inductive")
+    assert info["images"] == 8 and set(data.paths) == {s.path for s in fx.splits["train"] if s.label < 2}
+
+    data, select_fn, info = stream("method.selection=agreement", "data.holdout=0.25")
+    assert info["images"] == 12 and info["held_out"] == 4 and select_fn is not None
+    assert set(data.paths) < train_paths  # the held-out quarter is not trained on
+
+    folder = make_unlabelled_folder(tmp_path / "mine", count=5)
+    data, _, info = stream("data.unlabelled=folder", f"data.folder={tmp_path / 'mine'}")
+    assert info["images"] == 5 and sorted(data.paths) == sorted(folder)
+
+    other = ClassVectorStore(store.vectors, [*fx.classnames[:3], "zebra"], 100.0)
+    with pytest.raises(ValueError, match="class vectors do not match the DTD dataset's classes"):
+        distill_cmd.build_data(distill_cmd.resolve_config("distill/base2novel/dtd", [], 1), str(tmp_path / "data"),
+                               other, spec)
