@@ -103,6 +103,9 @@ def test_resume_after_kill_mid_epoch_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
     assert fresh.epoch_hook_calls == [0, 1, 2] and fresh.train_end_calls == 1
     assert [r["epoch"] for r in out["history"]] == [1, 2, 3]
+    for got_row, want_row in zip(out["history"], ref_out["history"]):  # epoch means include pre-kill steps
+        assert got_row["loss"] == pytest.approx(want_row["loss"], rel=1e-6)
+        assert got_row["mae"] == pytest.approx(want_row["mae"], rel=1e-6)
     rows = (tmp_path / "run/summary.csv").read_text().strip().splitlines()
     assert rows[0].startswith("epoch,lr,steps") and len(rows) == 4
     records = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]

@@ -385,6 +385,8 @@ def fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: str
 
     # -- resume ----------------------------------------------------------------------------------------
     epoch, step_in_epoch, global_step, history = 0, 0, 0, []
+    sums: dict[str, float] = {}  # this epoch's metrics summed over its steps so far (restored on resume)
+    n_steps = 0
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
         changed = [k for k in RESUME_INVARIANTS if ckpt["config"].get(k) != run_cfg[k]]
@@ -400,6 +402,8 @@ def fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: str
             module.load_state_dict_extra(ckpt["extra"])
         epoch, step_in_epoch, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         history = list(ckpt["history"])
+        if step_in_epoch > 0:
+            sums, n_steps = dict(ckpt.get("epoch_sums") or {}), int(ckpt.get("epoch_steps") or 0)
         rngs = ckpt["rng"]
         set_rng_state(rngs[D.rank()] if D.rank() < len(rngs) else rngs[0])
         log.write({"type": "resume", "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
@@ -414,7 +418,7 @@ def fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: str
                 "scheduler": {"name": f"constant_warmup+{cfg.scheduler}", "epoch": epoch,
                               "lr": optimizer.param_groups[0]["lr"]},
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                "rng": rngs, "history": history, "config": run_cfg,
+                "rng": rngs, "history": history, "config": run_cfg, "epoch_sums": dict(sums), "epoch_steps": n_steps,
                 "extra": module.state_dict_extra() if hasattr(module, "state_dict_extra") else None,
             })
         D.barrier()
@@ -434,8 +438,6 @@ def fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: str
         model.train()
         loader.set_epoch(epoch, start_batch=step_in_epoch * cfg.grad_accum)
         loader.generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # worker seeds only
-        sums: dict[str, float] = {}
-        n_steps = 0
         window: dict[str, float] = {}  # metrics summed since the last step record
         window_steps = 0
         bar = _progress(steps_per_epoch, step_in_epoch, f"epoch {epoch + 1}/{cfg.epochs}", main)
@@ -507,6 +509,7 @@ def fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: str
         log.write({"type": "epoch", **record, "time": time.time()})
         log.summary(history)
         epoch, step_in_epoch = epoch + 1, 0
+        sums, n_steps = {}, 0
         checkpoint()
 
     completed = epoch >= cfg.epochs
