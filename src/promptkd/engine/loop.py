@@ -393,7 +393,7 @@ def fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: str
         if changed:
             raise ValueError(f"{ckpt_path}: cannot resume, these settings differ from the checkpoint's: "
                              + ", ".join(f"{k} {ckpt['config'].get(k)!r} -> {run_cfg[k]!r}" for k in changed)
-                             + " (use a new output folder or --no-resume)")
+                             + " (use a new output folder)")
         load_trainable_state(module, ckpt["trainable"], str(ckpt_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         if use_scaler and ckpt.get("scaler"):
