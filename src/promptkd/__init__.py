@@ -2,6 +2,75 @@
 
 Stage 1 teaches a big prompted teacher from a few labelled images; its class vectors are stored once;
 stage 2 distils a small prompted student from unlabelled images by matching the teacher's logits.
+
+The Python API is re-exported here and imported lazily (``import promptkd`` stays cheap)::
+
+    import promptkd
+    teacher = promptkd.load_clip_teacher("ViT-L-14.safetensors")          # CLIP + IVLP prompts
+    store = promptkd.build_store(teacher, class_names)                    # class vectors, once
+    student = promptkd.load_clip_student("ViT-B-16.safetensors", teacher_dim=store.dim)
+    module = promptkd.DistillModule(teacher, student, store)              # KL over stored vectors
+    promptkd.fit(module, promptkd.UnlabelledImages(paths, transform), promptkd.LoopConfig(), "runs/x")
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_API: dict[str, str] = {
+    # models
+    "load_clip": "promptkd.models.weights",
+    "save_clip": "promptkd.models.weights",
+    "ClipTeacher": "promptkd.models.clip_backbones",
+    "ClipStudent": "promptkd.models.clip_backbones",
+    "load_clip_teacher": "promptkd.models.clip_backbones",
+    "load_clip_student": "promptkd.models.clip_backbones",
+    "PromptConfig": "promptkd.models.prompts",
+    "Tokenizer": "promptkd.models.tokenizer",
+    "Teacher": "promptkd.models.backbones",
+    "Student": "promptkd.models.backbones",
+    # class vectors and artefacts
+    "ClassVectorStore": "promptkd.store",
+    "build_store": "promptkd.store",
+    "save_adapter": "promptkd.artifacts",
+    "load_adapter": "promptkd.artifacts",
+    # data
+    "load_benchmark": "promptkd.data.benchmarks",
+    "base_novel_split": "promptkd.data.splits",
+    "few_shot": "promptkd.data.splits",
+    "LabelledImages": "promptkd.data.loader",
+    "UnlabelledImages": "promptkd.data.loader",
+    "Preprocess": "promptkd.data.transforms",
+    "TrainAugment": "promptkd.data.transforms",
+    # methods and the loop
+    "zeroshot_store": "promptkd.methods.zeroshot",
+    "PromptSRCModule": "promptkd.methods.promptsrc",
+    "DistillModule": "promptkd.methods.promptkd",
+    "distillation_loss": "promptkd.methods.promptkd",
+    "load_teacher": "promptkd.methods.teacher_io",
+    "LoopConfig": "promptkd.engine.loop",
+    "fit": "promptkd.engine.loop",
+    # evaluation and serving
+    "evaluate_benchmark": "promptkd.evaluate",
+    "load_student": "promptkd.serve",
+    "predict": "promptkd.serve",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'promptkd' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
