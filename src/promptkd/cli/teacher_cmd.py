@@ -153,6 +153,18 @@ def _check_same_run(out: Path, run_info: dict) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """Under torchrun every process runs the same loop (DDP); only rank 0 writes files."""
+    from promptkd.engine import distributed as D
+
+    D.init_from_env()
+    try:
+        return _run_train(args, D.is_main())
+    finally:
+        D.barrier()
+        D.cleanup()
+
+
+def _run_train(args: argparse.Namespace, main_process: bool) -> int:
     from promptkd import artifacts
     from promptkd import config as cfgmod
     from promptkd.engine.loop import LoopConfig, fit, resolve_device
@@ -168,13 +180,15 @@ def run_train(args: argparse.Namespace) -> int:
                 "clip_sha256": teacher.identity().get("sha256"), "config_source": args.config}
     if args.resume:
         _check_same_run(out, run_info)
-    out.mkdir(parents=True, exist_ok=True)
-    cfgmod.save(cfg, out / "config.yaml")
-    (out / "run.json").write_text(json.dumps(run_info, indent=2))
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfgmod.save(cfg, out / "config.yaml")
+        (out / "run.json").write_text(json.dumps(run_info, indent=2))
 
     data, class_names, bench_name = training_set(cfg, args.data_root, args.dataset, out, teacher.image_spec)
     method_cfg = {**cfg["method"], "epochs": loop_cfg.epochs}
-    print(f"train-teacher: {cfg['method']['method']} on {bench_name} ({cfg['data']['classes']} classes: "
+    say = (lambda *a, **k: print(*a, **k)) if main_process else (lambda *a, **k: None)
+    say(f"train-teacher: {cfg['method']['method']} on {bench_name} ({cfg['data']['classes']} classes: "
           f"{len(class_names)}, {len(data)} images), {loop_cfg.epochs} epochs, batch {loop_cfg.batch_size}, "
           f"{sum(p.numel() for p in teacher.trainable_parameters()):,} prompt values, {device} -> {out}",
           file=sys.stderr)
@@ -182,10 +196,12 @@ def run_train(args: argparse.Namespace) -> int:
     result = fit(module, data, loop_cfg, out, resume=args.resume)
     for record in result["history"]:
         shown = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "steps"))
-        print(f"  epoch {record['epoch']:>3}: {shown}", file=sys.stderr)
+        say(f"  epoch {record['epoch']:>3}: {shown}", file=sys.stderr)
     if not result["completed"]:
-        print(f"train-teacher: stopped after {result['global_step']} steps (max_steps); continue with --resume",
+        say(f"train-teacher: stopped after {result['global_step']} steps (max_steps); continue with --resume",
               file=sys.stderr)
+        return 0
+    if not main_process:
         return 0
     teacher.eval()
     selection = "gpa" if module.cfg.uses_gpa else "last_epoch"  # the prompts kept: GPA aggregate or last epoch

@@ -136,7 +136,7 @@ def few_shot(samples: Sequence[Sample], k: int, seed: int, cache_dir: str | os.P
         cache.parent.mkdir(parents=True, exist_ok=True)
         record = {"dataset": name, "k": k, "seed": seed, "fingerprint": fingerprint, "indices": indices,
                   "paths": [samples[i].path for i in indices]}
-        tmp = cache.with_suffix(".json.tmp")
+        tmp = cache.with_suffix(f".json.{os.getpid()}.tmp")  # several processes (torchrun) may write at once
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, cache)
     return [samples[i] for i in indices]
