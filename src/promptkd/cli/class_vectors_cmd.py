@@ -9,6 +9,8 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from promptkd.data.custom import DATA_ROOT_HELP, DATASET_HELP
+
     p = subparsers.add_parser(
         "class-vectors", help="pre-compute the teacher's class vectors for every class of a dataset",
         description="Encode every class name of a dataset (all classes: base and novel, in label order) with "
@@ -18,9 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="teacher artefact folder (from train-teacher/convert-teacher), or an authors' Dassl "
                         "checkpoint (then --clip-weights is required)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", help="benchmark name; its class list comes from --data-root")
+    src.add_argument("--dataset", help="its class list (base and novel, in label order) is used; " + DATASET_HELP)
     src.add_argument("--class-names", help="text file with one class name per line, in label order")
-    p.add_argument("--data-root", help="data root (with --dataset)")
+    p.add_argument("--data-root", help=DATA_ROOT_HELP)
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--clip-weights", help="CLIP weights (overrides the path recorded in the teacher artefact)")
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -31,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def dataset_class_names(data_root: str, dataset: str) -> list[str]:
+def dataset_class_names(data_root: str | None, dataset: str) -> list[str]:
     """Every class of a benchmark in label order (base classes first, then novel)."""
     from promptkd.data.benchmarks import load_benchmark
 
@@ -42,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
     from promptkd.engine.loop import resolve_device
     from promptkd.methods.teacher_io import compute_class_vectors, load_teacher, read_class_names
 
-    if args.dataset and not args.data_root:
-        raise ValueError("--dataset needs --data-root")
     names = (read_class_names(args.class_names) if args.class_names
              else dataset_class_names(args.data_root, args.dataset))
     teacher, meta = load_teacher(args.teacher, weights=args.clip_weights, trust_checkpoint=args.trust_checkpoint)

@@ -33,7 +33,7 @@ def defaults() -> dict:
     return {
         "protocol": "base2novel",
         "data": {
-            "dataset": None,  # benchmark name (`promptkd data list`); None with unlabelled=folder
+            "dataset": None,  # benchmark name, folder:PATH or list:FILE (own data); None with unlabelled=folder
             "unlabelled": "transductive",  # transductive (paper) | inductive (base classes) | folder
             "folder": None,  # a folder of unlabelled images (unlabelled=folder)
             "holdout": 0.1,  # share of the unlabelled images held out for selection=agreement
@@ -46,14 +46,18 @@ def defaults() -> dict:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from promptkd.data.custom import DATASET_HELP
+
     p = subparsers.add_parser(
         "distill", help="stage 2: distil the teacher into the student's prompts from unlabelled images",
         description="Train the student's prompts and projector so that its logits over the stored class "
                     "vectors match the frozen teacher's (KL divergence), on unlabelled images only. Presets: "
                     "distill/base2novel/<dataset>, distill/cross_dataset/<dataset>, "
-                    "distill/domain_generalization/<variant>.")
+                    "distill/domain_generalization/<variant>, distill/custom (your own data).")
     p.add_argument("--config", required=True, help="YAML file or packaged preset, e.g. distill/base2novel/dtd")
-    p.add_argument("--data-root", help="data root in CoOp's layout (not needed with data.unlabelled=folder)")
+    p.add_argument("--data-root", help="data root in CoOp's layout (benchmarks; optional with folder:PATH / "
+                   "list:FILE datasets and with data.unlabelled=folder)")
+    p.add_argument("--dataset", help="sets data.dataset (the config's dataset otherwise): " + DATASET_HELP)
     p.add_argument("--teacher", required=True,
                    help="teacher artefact folder (train-teacher / convert-teacher), or an authors' Dassl checkpoint "
                         "(then --teacher-weights is required)")
@@ -208,8 +212,6 @@ def build_data(cfg: dict, data_root: str | None, store, image_spec):
         if not paths:
             raise ValueError(f"{data['folder']}: no images found for distillation")
     else:
-        if not data_root:
-            raise ValueError(f"--data-root is needed to read {data['dataset']}")
         bench = load_benchmark(data_root, data["dataset"])
         store.check_classes(bench.classnames, source=f"{bench.name} dataset")
         paths = unlabelled_from(bench, data["unlabelled"])
@@ -272,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
     D.init_from_env()
     try:
         out = Path(args.out)
-        cfg = resolve_config(args.config, args.overrides, args.seed)
+        dataset = [f"data.dataset={json.dumps(args.dataset)}"] if getattr(args, "dataset", None) else []
+        cfg = resolve_config(args.config, [*dataset, *args.overrides], args.seed)
         if (out / "checkpoints" / "last.pt").is_file() and not args.resume:
             raise ValueError(f"{out}: holds an earlier run (checkpoints/last.pt); pass --resume or choose another --out")
         store = ClassVectorStore.load(args.class_vectors)

@@ -12,6 +12,8 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from promptkd.data.custom import DATA_ROOT_HELP, DATASET_HELP
+
     p = subparsers.add_parser("evaluate", help="evaluate zero-shot CLIP, a teacher or a student (base2novel, "
                               "cross_dataset, domain_generalization)", description=__doc__)
     p.add_argument("--model", required=True, choices=("zeroshot", "teacher", "student"))
@@ -23,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--templates", choices=("coop", "single", "promptsrc", "imagenet_select"), default="coop",
                    help="zeroshot prompts: the dataset's CoOp template (default, as the paper's CLIP rows), "
                         "'a photo of a {}.', PromptSRC's 60 templates or CoOp's 7 ImageNet templates")
-    p.add_argument("--data-root", required=True, help="data root in CoOp's layout")
-    p.add_argument("--dataset", required=True, help="benchmark name (see `promptkd data list`)")
+    p.add_argument("--data-root", help=DATA_ROOT_HELP)
+    p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument("--protocol", required=True, choices=("base2novel", "cross_dataset", "domain_generalization"))
     p.add_argument("--seed", type=int, default=1, help="the run's seed, recorded in results.json (default 1)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for results.json, results.md, per_class.csv")

@@ -32,15 +32,18 @@ def defaults() -> dict:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from promptkd.data.custom import DATA_ROOT_HELP, DATASET_HELP
+
     train = subparsers.add_parser(
         "train-teacher", help="stage 1: learn the teacher's prompts (PromptSRC) on few-shot labelled data",
         description="Train the teacher's prompts (PromptSRC by default; IVLP and CoOp with --set "
                     "method.method=ivlp|coop) on K shots per class of a benchmark, and save the teacher "
                     "artefact (prompts in safetensors + JSON) in --out.")
     train.add_argument("--config", default="teacher/base2novel",
-                       help="YAML file or packaged preset (teacher/base2novel, teacher/imagenet_all)")
-    train.add_argument("--data-root", required=True, help="data root in CoOp's layout")
-    train.add_argument("--dataset", required=True, help="benchmark name (see `promptkd data list`)")
+                       help="YAML file or packaged preset (teacher/base2novel, teacher/imagenet_all, "
+                            "teacher/custom)")
+    train.add_argument("--data-root", help=DATA_ROOT_HELP)
+    train.add_argument("--dataset", required=True, help=DATASET_HELP)
     train.add_argument("--clip-weights", required=True, help="CLIP checkpoint of the teacher (e.g. ViT-L-14.pt)")
     train.add_argument("--out", required=True, help="run folder: config, logs, checkpoints and the artefact")
     train.add_argument("--seed", type=int, default=None,

@@ -160,7 +160,8 @@ def get_spec(name: str) -> DatasetSpec:
     for spec in REGISTRY.values():
         if wanted in {_key(spec.name), *map(_key, spec.aliases)}:
             return spec
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(REGISTRY)}")
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(REGISTRY)}; or your own data: "
+                     "folder:PATH (class sub-folders) or list:FILE.csv|.json")
 
 
 def prompt_name(raw: str) -> str:
@@ -428,11 +429,19 @@ def collect_benchmark(root: str | os.PathLike, name: str, problems: list[str], *
         return None
 
 
-def load_benchmark(root: str | os.PathLike, name: str, *, check_files: bool = True) -> Benchmark:
+def load_benchmark(root: str | os.PathLike | None, name: str, *, check_files: bool = True) -> Benchmark:
     """Read benchmark ``name`` under data ``root`` (CoOp layout); raise :class:`DataError` listing all problems.
 
-    ``check_files`` verifies that every image named by a split file exists (folder-scanned datasets
-    always list what exists)."""
+    ``name`` may also be the user's own data, ``folder:PATH`` or ``list:FILE`` (see :func:`load_custom`;
+    ``root`` is then optional). ``check_files`` verifies that every image named by a split file exists
+    (folder-scanned datasets always list what exists)."""
+    from promptkd.data.custom import CUSTOM_DATASET_SYNTAX, is_custom_dataset, load_custom
+
+    if is_custom_dataset(name):
+        return load_custom(name, root, check_files=check_files)
+    if root is None or str(root) == "":
+        raise ValueError(f"{get_spec(name).name} is a benchmark read from a data root: pass --data-root ROOT "
+                         f"(CoOp's layout), or use your own data with --dataset {CUSTOM_DATASET_SYNTAX}")
     problems: list[str] = []
     bench = collect_benchmark(root, name, problems, check_files=check_files)
     if problems or bench is None:
@@ -498,7 +507,11 @@ def _rows_from_list(path: Path, problems: list[str]) -> list[dict]:
     import csv
 
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            problems.append(f"{path}: not valid JSON ({exc})")
+            return []
         if isinstance(data, dict):  # CoOp split structure
             return [{"path": e[0], "label": e[1], "classname": e[2], "split": s}
                     for s in ("train", "val", "test") for e in data.get(s, [])]
@@ -514,12 +527,26 @@ def _rows_from_list(path: Path, problems: list[str]) -> list[dict]:
         return list(reader)
 
 
+def _label_or_classname(label, cname) -> tuple[int | None, str | None]:
+    """A row's (int label or None, class name or None): a non-numeric ``label`` is a class name."""
+    cname = str(cname).strip() if cname not in (None, "") else None
+    if label is None or (isinstance(label, str) and not label.strip()):
+        return None, cname
+    try:
+        return int(str(label).strip()), cname
+    except ValueError:
+        if cname is None or cname == str(label).strip():
+            return None, str(label).strip()
+        return None, None  # both a non-numeric label and a class name: reported as a bad entry
+
+
 def load_list(list_file: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
               name: str | None = None, check_files: bool = True) -> Benchmark:
     """A CSV (header: path, label and/or classname, optional split) or JSON list of images.
 
-    Relative paths are resolved against ``image_root`` (default: the list file's folder). With class
-    names only, labels follow sorted names; with labels only, names are the label numbers."""
+    Relative paths are resolved against ``image_root`` (default: the list file's folder). ``label`` is
+    an integer label or, when not a number, a class name. With class names only, labels follow sorted
+    names; with labels only, names are the label numbers."""
     list_file = Path(list_file).expanduser()
     if not list_file.is_file():
         raise DataError(str(list_file), [f"{list_file}: list file missing"])
@@ -529,13 +556,17 @@ def load_list(list_file: str | os.PathLike, *, image_root: str | os.PathLike | N
     parsed: dict[str, list[tuple[str, int | None, str | None]]] = {"train": [], "val": [], "test": []}
     for i, row in enumerate(rows):
         split = (row.get("split") or "train").strip()
-        label, cname = row.get("label"), row.get("classname") or row.get("class")
-        if split not in parsed or not row.get("path") or (label in (None, "") and not cname):
+        label, cname = _label_or_classname(row.get("label"), row.get("classname") or row.get("class"))
+        if split not in parsed or not row.get("path") or (label is None and not cname):
             problems.append(f"{list_file}: entry {i + 1} needs path, label or classname, split in train/val/test: {row}")
             continue
-        parsed[split].append((str(base / str(row["path"])), None if label in (None, "") else int(label), cname))
+        parsed[split].append((str(base / str(row["path"])), label, cname))
     if not any(parsed.values()) and not problems:
         problems.append(f"{list_file}: no entries")
+    with_label = {lab is not None for rs in parsed.values() for _, lab, _ in rs}
+    if len(with_label) > 1:
+        problems.append(f"{list_file}: some entries give a number label and others only a class name; "
+                        "use one or the other for every entry")
     names_known = sorted({c for rs in parsed.values() for _, lab, c in rs if c and lab is None})
     auto = {c: i for i, c in enumerate(names_known)}
     full = {s: [(p, lab if lab is not None else auto[c], c if c else str(lab)) for p, lab, c in rs]
@@ -557,3 +588,4 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     if not images:
         raise DataError(str(folder), [f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) found"])
     return images
+
