@@ -393,9 +393,12 @@ def accuracy_table(records: Iterable[Record], protocol: str, seeds: Sequence[int
     paper_targets = paper.CROSS_DATASET_TARGETS if protocol == "cross_dataset" else paper.DG_TARGETS
     full = set(datasets) >= set(paper_targets)
     ref_avg = paper.accuracy_average(protocol, paper.PROMPTKD)
-    avg_line.append(_fmt(ref_avg) + ("" if full else f" (all {len(paper_targets)} targets)"))
+    own_data_only = not set(datasets) & set(paper_targets)  # e.g. `--dataset folder:PATH` runs only
+    avg_line.append("—" if own_data_only else _fmt(ref_avg) + ("" if full else f" (all {len(paper_targets)} targets)"))
     out.write("| " + " | ".join(avg_line) + " |\n\n")
-    if not full:
+    if own_data_only:
+        notes.append(f"{', '.join(datasets)}: not among the paper's targets (your own data): no paper numbers.")
+    elif not full:
         notes.append(f"The paper's average covers all {len(paper_targets)} targets; this run has "
                      f"{len(datasets)}: not directly comparable.")
     plot["paper PromptKD"] = {d: (v, None) for d in datasets
