@@ -48,6 +48,20 @@ def world(tmp_path_factory):
     return root
 
 
+def test_custom_presets_hold_the_papers_settings():
+    from promptkd.cli import distill_cmd, teacher_cmd
+
+    paper_student = distill_cmd.resolve_config("distill/base2novel/caltech101", [], 1)
+    student = distill_cmd.resolve_config("distill/custom", ["data.dataset=folder:x"], 1)
+    assert (student["protocol"], student["data"]["dataset"]) == ("custom", "folder:x")
+    for key in ("student", "method", "train"):
+        assert student[key] == paper_student[key], key
+    paper_teacher = teacher_cmd.resolve_config("teacher/base2novel", [], 1)
+    teacher = teacher_cmd.resolve_config("teacher/custom", [], 1)
+    assert teacher["data"]["classes"] == "all"  # a deployment learns every class
+    assert {**teacher, "data": paper_teacher["data"]} == paper_teacher
+
+
 def test_folder_split_rules(world, tmp_path):
     from promptkd.data.fixtures import make_image_folder
 
