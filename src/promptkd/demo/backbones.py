@@ -51,7 +51,7 @@ def _sha256(path: str) -> str:
 class ImageTowerConfig:
     variant: str = "efficientnet-lite2"
     resolution: int = 128
-    split_stage: int = 4  # the trunk ends after this stage (0-based); 4 = stride 16, before the last 2 stages
+    split_stage: int = 5  # the trunk ends after this stage (0-based); 5 = stride 32, before the last stage
     invert: bool = True
 
 
