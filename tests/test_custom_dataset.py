@@ -195,3 +195,17 @@ def test_benchmark_without_data_root_and_bad_reference(capsys, tmp_path):
     assert "has no path" in err
     err = fails(["class-vectors", "--teacher", tmp_path, "--dataset", "folders:x", "--out", tmp_path / "x"], capsys)
     assert "unknown dataset 'folders:x'" in err and "folder:PATH" in err
+
+
+def test_data_check_reports_own_data(world, tmp_path, capsys):
+    from promptkd.data.fixtures import make_image_folder
+
+    make_image_folder(tmp_path / "ok", classes=2, per_class=3)
+    make_image_folder(tmp_path / "bad", classes=2, per_class=3)
+    (tmp_path / "bad" / "class_c").mkdir()
+    code = main(["data", "check", str(tmp_path), "--dataset", "folder:ok", "--dataset", "folder:bad", "--verify-images"])
+    out = capsys.readouterr().out
+    assert code == 1
+    row = next(line.split() for line in out.splitlines() if line.startswith("ok "))
+    assert row == ["ok", "2", "4", "2", "1", "1", "ok"]  # classes, train, test, base test, novel test, status
+    assert f"{tmp_path / 'bad' / 'class_c'}: class folder has no images" in out

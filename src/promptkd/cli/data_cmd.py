@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check = sub.add_parser("check", help="validate a data root (CoOp layout) and compare counts with the paper")
     check.add_argument("root", help="data root holding caltech-101/, imagenet/, ... as in CoOp's DATASETS.md")
     check.add_argument("--dataset", action="append", metavar="NAME",
-                       help="check only this dataset (repeatable); default: every benchmark folder present")
+                       help="check only this dataset (repeatable): a benchmark name, or your own data as "
+                            "folder:PATH or list:FILE (relative to ROOT); default: every benchmark folder present")
     check.add_argument("--verify-images", action="store_true", help="decode every image (slow); default: existence")
     check.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                        help="processes decoding images with --verify-images (default: up to 8)")

@@ -12,7 +12,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from promptkd.data.benchmarks import REGISTRY, Benchmark, collect_benchmark, get_spec
+from promptkd.data.benchmarks import REGISTRY, Benchmark, DataError, collect_benchmark, get_spec
+from promptkd.data.custom import custom_dataset_path, is_custom_dataset, load_custom
 from promptkd.data.loader import BadImageError, read_image
 from promptkd.data.splits import base_novel_split
 
@@ -73,6 +74,8 @@ def _verify_images(bench: Benchmark, progress: bool, workers: int) -> list[str]:
 def check_dataset(root: str | os.PathLike, name: str, *, verify_images: bool = False,
                   progress: bool = False, workers: int = 1) -> DatasetReport:
     """Load one benchmark collecting all its problems; counts next to the paper's."""
+    if is_custom_dataset(name):
+        return check_custom_dataset(root, name, verify_images=verify_images, progress=progress, workers=workers)
     spec = get_spec(name)
     folder = Path(root).expanduser() / spec.folder
     paper = {"classes": spec.classes, "train": spec.paper_train, "test": spec.paper_test,
@@ -94,6 +97,27 @@ def check_dataset(root: str | os.PathLike, name: str, *, verify_images: bool = F
     return report
 
 
+def check_custom_dataset(root: str | os.PathLike | None, name: str, *, verify_images: bool = False,
+                         progress: bool = False, workers: int = 1) -> DatasetReport:
+    """The user's own ``folder:PATH`` / ``list:FILE`` data: its problems and counts (no paper counts)."""
+    path = custom_dataset_path(name, root)
+    report = DatasetReport(name, str(path), path.exists())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            bench = load_custom(name, root)
+        except DataError as exc:
+            report.problems.extend(exc.problems)
+            bench = None
+    report.notes.extend(str(w.message) for w in caught)
+    if bench is not None:
+        report.name = bench.name
+        report.counts = _counts(bench)
+        if verify_images:
+            report.problems.extend(_verify_images(bench, progress, workers))
+    return report
+
+
 def check_root(root: str | os.PathLike, names: list[str] | None = None, *, verify_images: bool = False,
                progress: bool = False, workers: int = 1) -> list[DatasetReport]:
     """Check the named datasets, or every benchmark whose folder exists under ``root``."""
@@ -101,7 +125,7 @@ def check_root(root: str | os.PathLike, names: list[str] | None = None, *, verif
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist")
     if names:
-        wanted = [get_spec(n).name for n in names]
+        wanted = [n if is_custom_dataset(n) else get_spec(n).name for n in names]
     else:
         wanted = [n for n, s in REGISTRY.items() if (root / s.folder).is_dir()]
         if not wanted:
