@@ -73,6 +73,11 @@ def test_folder_split_rules(world, tmp_path):
     again = load_benchmark(world, "folder:my_birds")
     assert [s.path for s in again.test] == [s.path for s in single.test]
 
+    from promptkd.data.custom import held_out_images_in
+
+    pool = [str(p) for p in sorted((world / "my_birds").rglob("*.jpg"))]  # the labelled folder as unlabelled pool
+    assert sorted(held_out_images_in(pool, single)) == sorted(s.path for s in single.test)
+
     make_image_folder(tmp_path / "dtd", classes=3, per_class=2, test_per_class=1)  # train/ + test/ layout
     split = load_benchmark(None, f"folder:{tmp_path / 'dtd'}")
     assert (len(split.train), len(split.test)) == (6, 3)

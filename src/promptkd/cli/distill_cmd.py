@@ -197,6 +197,7 @@ def split_holdout(paths: list[str], share: float, seed: int) -> tuple[list[str],
 def build_data(cfg: dict, data_root: str | None, store, image_spec):
     """(unlabelled training set, select_fn or None, description) for the configured setting."""
     from promptkd.data.benchmarks import load_benchmark
+    from promptkd.data.custom import held_out_images_in, is_custom_dataset
     from promptkd.data.loader import LabelledImages, UnlabelledImages, make_loader
     from promptkd.data.splits import base_novel_split, unlabelled_from
     from promptkd.data.transforms import Preprocess, TrainAugment
@@ -211,6 +212,13 @@ def build_data(cfg: dict, data_root: str | None, store, image_spec):
         source = f"folder {data['folder']}"
         if not paths:
             raise ValueError(f"{data['folder']}: no images found for distillation")
+        if data["dataset"] and (data_root or is_custom_dataset(data["dataset"])):  # the dataset it is tested on
+            bench = load_benchmark(data_root, data["dataset"])
+            store.check_classes(bench.classnames, source=f"{bench.name} dataset")
+            leaked = held_out_images_in(paths, bench)
+            if leaked and D.is_main():
+                print(f"distill: note: {len(leaked)} of {bench.name}'s test images are in {data['folder']} (e.g. "
+                      f"{leaked[0]}): an evaluation on them is transductive, not held out", file=sys.stderr)
     else:
         bench = load_benchmark(data_root, data["dataset"])
         store.check_classes(bench.classnames, source=f"{bench.name} dataset")

@@ -130,3 +130,9 @@ def load_custom(name: str, data_root: str | os.PathLike | None = None, *, check_
     bench = load_list(path, name=dataset_name, check_files=check_files)
     _check_list_classes(bench, path)
     return bench
+
+
+def held_out_images_in(paths: list[str], bench: Benchmark) -> list[str]:
+    """The test images of ``bench`` that also appear in ``paths`` (an unlabelled stream), by real path."""
+    test = {os.path.realpath(s.path) for s in bench.test}
+    return [p for p in paths if os.path.realpath(p) in test]
