@@ -148,6 +148,14 @@ def test_cli_chain_on_own_folder(world, capsys):
     assert all(not r.get("paper_promptkd") for r in mine)  # no paper number for the user's own dataset
 
 
+@pytest.mark.parametrize("command", ["train-teacher", "class-vectors", "distill", "evaluate", "data check"])
+def test_help_explains_own_data(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command.split(), "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0 and "folder:PATH" in out and "list:FILE" in out
+
+
 # --- errors: each names the file or folder at fault ---------------------------------------------------
 
 

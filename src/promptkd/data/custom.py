@@ -41,10 +41,11 @@ FOLDER_HOLDOUT = 0.2  # share of each class held out for test when a folder has 
 FOLDER_SPLIT_SEED = 0  # fixed (not the run's seed): every command and every run sees the same test images
 
 DATASET_HELP = ("a benchmark name (`promptkd data list`), or your own data: folder:PATH (PATH/<class>/* images, "
-                f"{FOLDER_HOLDOUT:.0%} of each class held out for test with a fixed seed; or PATH/train/<class>/*, "
+                f"{FOLDER_HOLDOUT:.0%}% of each class held out for test with a fixed seed; or PATH/train/<class>/*, "
                 "PATH/test/<class>/*, optional PATH/val/<class>/*) or list:FILE.csv|.json (path, label or "
                 "classname, optional split columns). Relative paths: against --data-root when given, else the "
                 "current folder")
+# (DATASET_HELP is an argparse help string: its "%" is written "%%")
 DATA_ROOT_HELP = "data root in CoOp's layout (benchmarks); optional with --dataset folder:PATH or list:FILE"
 
 
