@@ -7,8 +7,10 @@ conv-BN-ReLU-conv projector), random weights, batch 8 of 224 px images, SGD step
 * ``recompute``: the prompted teacher text tower runs over all N class names every step, under no_grad,
   as the authors' code does (its ``CustomCLIP_teacher.forward`` encodes the prompts on every call).
 
-Each (variant, N) runs in its own subprocess so that its peak resident memory (``ru_maxrss``, which
-sees torch's allocations) belongs to it alone. Class names are the first N ImageNet names.
+Timing: both variants in ONE process, their steps interleaved, medians reported, so that the load of a
+shared machine hits both alike. Memory: each variant runs one step in its own subprocess, so that its
+peak resident memory (``ru_maxrss``, which sees torch's allocations) belongs to it alone; the weights of
+both models (~1.7 GB in fp32) dominate it. Class names are the first N ImageNet names.
 
     .venv/bin/python benchmarks/bench_distill_step.py --classes 100 1000 --steps 2 --warmup 1 \\
         --out bench_distill_step.json
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -66,64 +69,84 @@ def recompute_class_vectors(module, names: list[str]) -> None:
         module.class_vectors = F.normalize(module.teacher.encode_class_names(names).float(), dim=-1)
 
 
-def worker(variant: str, classes: int, batch: int, steps: int, warmup: int) -> dict:
+def step(module, opt, images: torch.Tensor, names: list[str], variant: str) -> float:
+    start = time.perf_counter()
+    if variant == "recompute":
+        recompute_class_vectors(module, names)
+    loss = module({"image": images})["loss"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - start
+
+
+def worker(mode: str, classes: int, batch: int, steps: int, warmup: int) -> dict:
+    """``time``: both variants in one process, steps interleaved (stored, recompute, stored, ...) so that
+    machine load hits both alike; medians. ``memory-stored`` / ``memory-recompute``: one step of one
+    variant, for its peak RSS."""
     module, names, images = build(classes, batch)
     opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.005, momentum=0.9,
                           weight_decay=5e-4)
-    times = []
+    if mode.startswith("memory-"):
+        variant = mode.removeprefix("memory-")
+        step(module, opt, images, names, variant)
+        return {"mode": mode, "classes": classes,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    times: dict[str, list[float]] = {"stored": [], "recompute": []}
+    stored_vectors = module.class_vectors.clone()
     for i in range(warmup + steps):
-        start = time.perf_counter()
-        if variant == "recompute":
-            recompute_class_vectors(module, names)
-        loss = module({"image": images})["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    step_s = sum(times) / len(times)
-    return {"variant": variant, "classes": classes, "batch": batch, "steps": steps, "step_s": step_s,
-            "images_per_s": batch / step_s, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "threads": torch.get_num_threads()}
+        for variant in ("stored", "recompute"):
+            if variant == "stored":
+                module.class_vectors = stored_vectors
+            elapsed = step(module, opt, images, names, variant)
+            if i >= warmup:
+                times[variant].append(elapsed)
+    return {"mode": "time", "classes": classes, "batch": batch, "threads": torch.get_num_threads(),
+            "step_s": {k: statistics.median(v) for k, v in times.items()}, "all_step_s": times}
+
+
+def run_worker(mode: str, classes: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", mode, str(classes), "--batch", str(args.batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    print(f"running {mode} with {classes} classes ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {mode}/{classes} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--classes", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per variant")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per variant (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     ap.add_argument("--out", help="write the results as JSON here")
-    ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "CLASSES"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=2, metavar=("MODE", "CLASSES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.batch, args.steps, args.warmup)))
         return
 
-    rows = []
+    results = []
     for classes in args.classes:
-        for variant in ("stored", "recompute"):
-            cmd = [sys.executable, __file__, "--worker", variant, str(classes), "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            print(f"running {variant} with {classes} classes ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"worker {variant}/{classes} failed:\n{proc.stderr[-3000:]}")
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"\nPromptKD distillation step, ViT-L/14 teacher -> ViT-B/16 student, batch {args.batch}, "
-          f"{args.steps} timed step(s) after {args.warmup} warm-up, {rows[0]['threads']} CPU threads")
+        timing = run_worker("time", classes, args)
+        memory = {v: run_worker(f"memory-{v}", classes, args)["peak_rss_mib"] for v in ("stored", "recompute")}
+        results.append({"classes": classes, "timing": timing, "peak_rss_mib": memory,
+                        "speedup": timing["step_s"]["recompute"] / timing["step_s"]["stored"]})
+    print(f"\nPromptKD distillation step, ViT-L/14 teacher -> ViT-B/16 student (random weights), batch {args.batch}, "
+          f"median of {args.steps} interleaved step(s) after {args.warmup} warm-up round(s), "
+          f"{results[0]['timing']['threads']} CPU threads")
     print(f"{'classes':>8} {'variant':>10} {'s/step':>9} {'img/s':>8} {'peak RSS MiB':>13} {'speed-up':>9}")
-    for classes in args.classes:
-        pair = {r["variant"]: r for r in rows if r["classes"] == classes}
-        ratio = pair["recompute"]["step_s"] / pair["stored"]["step_s"]
+    for r in results:
         for variant in ("stored", "recompute"):
-            r = pair[variant]
-            extra = f"{ratio:8.2f}x" if variant == "stored" else ""
-            print(f"{classes:>8} {variant:>10} {r['step_s']:9.2f} {r['images_per_s']:8.3f} {r['peak_rss_mib']:13.0f} {extra:>9}")
-        pair["stored"]["speedup_vs_recompute"] = ratio
+            sec = r["timing"]["step_s"][variant]
+            extra = f"{r['speedup']:8.2f}x" if variant == "stored" else ""
+            print(f"{r['classes']:>8} {variant:>10} {sec:9.2f} {args.batch / sec:8.3f} "
+                  f"{r['peak_rss_mib'][variant]:13.0f} {extra:>9}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"rows": rows, "argv": sys.argv}, f, indent=2)
+            json.dump({"results": results, "argv": sys.argv}, f, indent=2)
 
 
 if __name__ == "__main__":
