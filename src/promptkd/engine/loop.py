@@ -75,6 +75,7 @@ class LoopConfig:
     max_steps: int | None = None  # stop (as an interruption) after this many optimiser steps in total
     deterministic: bool = False
     log_every: int = 10  # optimiser steps between step records in log.jsonl
+    sync_batchnorm: bool = True  # on CUDA under DDP: trainable BatchNorm (the projector) sees the global batch
 
     def __post_init__(self) -> None:
         problems = []
@@ -372,6 +373,8 @@ def fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: str
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     model: nn.Module = module
     if world > 1:
+        if cfg.sync_batchnorm and device.type == "cuda":  # SyncBatchNorm has no CPU (gloo) kernel
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         model = nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
 
