@@ -92,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
     print(table_console(summary))
     t = summary["time_s"]
     print("\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()) + f"; total {summary['total_time_s']:.0f}s")
-    cached = [role for role, c in summary["caches"].items() if c.get("cached") and c.get("hits")]
+    cached = [f"{role} {c['hits']} images" for role, c in summary["caches"].items() if c.get("loaded_from_file")]
     if cached:
-        print(f"(frozen-trunk outputs read from the cache for: {', '.join(cached)}; --no-cache recomputes them)")
+        print(f"(a cache of frozen-trunk outputs was used: {', '.join(cached)}; --no-cache recomputes them)")
     out = Path(cfg.out_dir)
     print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
     return 0

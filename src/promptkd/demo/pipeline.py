@@ -52,7 +52,7 @@ class DemoConfig:
     seed: int = 1
     resolution: int = 128
     shots: int = 16
-    unlabelled: int = 3000
+    unlabelled: int = 2000
     test_per_class: int = 200  # 0: the whole test split
     teacher_variant: str = "efficientnet-lite2"
     student_variant: str = "efficientnet-lite0"
@@ -158,6 +158,7 @@ def warm_trunk(tower, datasets: list[FashionImages], desc: str, progress: bool, 
 
     cache = tower.cache
     before = (cache.hits, cache.misses) if cache is not None else (0, 0)
+    loaded = cache.loaded if cache is not None else 0
     total = sum(len(d) for d in datasets)
     with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
         for d in datasets:
@@ -169,7 +170,7 @@ def warm_trunk(tower, datasets: list[FashionImages], desc: str, progress: bool, 
         return {"cached": False, "images": total}
     cache.save()
     return {"cached": True, "hits": cache.hits - before[0], "computed": cache.misses - before[1],
-            "file": str(cache.path) if cache.path else None}
+            "loaded_from_file": loaded, "file": str(cache.path) if cache.path else None}
 
 
 def evaluate_model(encode: Callable[[Tensor], Tensor], store, data: DemoData, model: str, cfg: DemoConfig,
@@ -230,7 +231,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     }
     for role, c in caches.items():
         if c.get("cached"):
-            log(f"{role} trunk: {c['computed']} images computed, {c['hits']} read from the cache ({c['file']})")
+            log(f"{role} trunk: {c['computed']} images computed, {c['hits']} reused; the cache file held "
+                f"{c['loaded_from_file']} entries ({c['file']})")
 
     rows = {}
     # zero-shot rows: the frozen towers, the single template "a photo of a {}."
