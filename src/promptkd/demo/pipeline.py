@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -68,7 +68,6 @@ class DemoConfig:
     temperature: float = 1.0
     threads: int = 0  # 0: automatic (see choose_threads)
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 class FashionImages(Dataset):
