@@ -26,7 +26,7 @@ DEFAULT_RIDGE = 0.1
 
 def imagenet_classnames() -> list[str]:
     """The 1000 ImageNet class names in label order (packaged copy, checksum verified)."""
-    asset = resources.files("promptkd.demo") / "assets" / "imagenet_classnames.txt"
+    asset = resources.files("promptkd.data") / "assets" / "imagenet_classnames.txt"  # shared with the data layer
     data = asset.read_bytes()
     if hashlib.sha256(data).hexdigest() != CLASSNAMES_SHA256:
         raise ValueError(f"{asset}: checksum differs from the packaged ImageNet class list (file changed)")
