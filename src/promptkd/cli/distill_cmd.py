@@ -132,14 +132,8 @@ def check_resume(saved_cfg: dict, cfg: dict, saved_run: dict, run_info: dict, wh
 
 def load_teacher(path: str, weights: str | None, trust_checkpoint: bool):
     """``(teacher, meta)``: a teacher artefact (or an authors' Dassl checkpoint, given ``weights``), frozen."""
-    try:
-        from promptkd.methods.teacher_io import load_teacher as load
-    except ImportError:  # teacher I/O not installed: artefact folders only
-        from promptkd import artifacts
+    from promptkd.methods.teacher_io import load_teacher as load
 
-        options = {"trust_checkpoint": trust_checkpoint, **({"weights": weights} if weights else {})}
-        teacher, meta = artifacts.load_adapter(path, role="teacher", **options)
-        return teacher.requires_grad_(False).eval(), meta
     return load(path, weights=weights, trust_checkpoint=trust_checkpoint)
 
 
