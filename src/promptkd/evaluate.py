@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from promptkd.engine.loop import PRECISIONS  # the autocast dtypes of training, shared
 from promptkd.store import ClassVectorStore
 
 PROTOCOLS = ("base2novel", "cross_dataset", "domain_generalization")
@@ -37,7 +38,6 @@ MODELS = ("zeroshot", "teacher", "student")
 RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
 PER_CLASS_FILE = "per_class.csv"
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------------
