@@ -177,3 +177,15 @@ def test_write_results_files(tmp_path):
                        "accuracy": "0.00"}
     table = paths["table"].read_text()
     assert "| **HM** | | | **50.00** |" in table and "teacher on toy" in table
+
+
+def test_empty_test_split_error_names_the_dataset():
+    from types import SimpleNamespace
+
+    from promptkd.evaluate import ImageClassifier, evaluate_benchmark
+    from promptkd.models.backbones import ImageSpec
+
+    bench = SimpleNamespace(name="MyData", test=[], eval_only=False, classnames=["a", "b"], imagenet_indices=())
+    clf = ImageClassifier(lambda x: x, basis_store(["a", "b"]), ImageSpec(), "student")
+    with pytest.raises(ValueError, match="MyData: the test split is empty"):
+        evaluate_benchmark(clf, bench, "cross_dataset", seed=1, num_workers=0, progress=False)

@@ -377,6 +377,8 @@ def evaluate_benchmark(
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     # a test image that cannot be read must stop the evaluation, not be replaced by another one
     dataset = LabelledImages(bench.test, preprocess_for(classifier.image_spec), on_bad_image="error")
+    if len(dataset) == 0:  # say which dataset (extract_features alone cannot)
+        raise ValueError(f"{bench.name}: the test split is empty: nothing to evaluate")
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
     try:
         feats, labels = extract_features(classifier.encode_image, loader, device=device,
