@@ -83,7 +83,7 @@ def load_teacher(path: str | Path, weights: str | Path | None = None, trust_chec
     else:
         if not weights:
             raise ValueError(f"{p}: not a promptkd teacher artefact; to read it as an authors' Dassl checkpoint "
-                             "give the CLIP weights it was trained from (--clip-weights)")
+                             "give the CLIP weights it was trained from (--clip-weights; for distill, --teacher-weights)")
         teacher, meta = teacher_from_dassl(p, weights, trust_checkpoint=trust_checkpoint)
     teacher.requires_grad_(False)
     return teacher.eval(), meta
