@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from promptkd.engine.loop import PRECISIONS  # the autocast dtypes of training, shared
+from promptkd.paper import harmonic_mean  # one HM for results.json and the report tables
 from promptkd.store import ClassVectorStore
 
 PROTOCOLS = ("base2novel", "cross_dataset", "domain_generalization")
@@ -49,11 +50,6 @@ def accuracy(predictions: Tensor, labels: Tensor) -> float:
     if labels.numel() == 0:
         return 0.0
     return 100.0 * (predictions == labels).double().mean().item()
-
-
-def harmonic_mean(base: float, novel: float) -> float:
-    """HM = 2*B*N/(B+N) (0 when both are 0)."""
-    return 0.0 if base + novel == 0 else 2.0 * base * novel / (base + novel)
 
 
 def restrict_labels(labels: Tensor, classes: Sequence[int]) -> tuple[Tensor, Tensor]:

@@ -45,6 +45,7 @@ class B2N:
 
 
 def harmonic_mean(base: float, novel: float) -> float:
+    """HM = 2*B*N/(B+N) (0 when both are 0)."""
     return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
 
 
