@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from promptkd.data.benchmarks import read_classnames_file
+
 # templates averaged when embedding the ImageNet names (a few, CLIP-style)
 ALIGN_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a picture of a {}.", "an image of a {}.", "{}")
 CLASSNAMES_SHA256 = "89e0b642c6697a3a43a06a2bb65f9fefb3ca295ccc5f4ba9ce385f1a3a58c629"
@@ -30,12 +32,7 @@ def imagenet_classnames() -> list[str]:
     data = asset.read_bytes()
     if hashlib.sha256(data).hexdigest() != CLASSNAMES_SHA256:
         raise ValueError(f"{asset}: checksum differs from the packaged ImageNet class list (file changed)")
-    names = []
-    for i, line in enumerate(data.decode().splitlines()):
-        parts = line.strip().split(" ", 1)
-        if len(parts) != 2:
-            raise ValueError(f"{asset}: line {i + 1} is not 'wnid name'")
-        names.append(parts[1])
+    names = list(read_classnames_file(Path(str(asset))).values())  # the data layer's parser
     if len(names) != 1000:
         raise ValueError(f"{asset}: {len(names)} classes, expected 1000")
     return names
