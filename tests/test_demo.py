@@ -23,13 +23,13 @@ def test_cli_says_what_is_missing(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_reduced_demo_end_to_end(tmp_path, pytestconfig):
+def test_reduced_demo_end_to_end(tmp_path, demo_cache_dir):
     from promptkd.artifacts import load_adapter
     from promptkd.demo.pipeline import DemoConfig, run_demo, sample_data
     from promptkd.store import ClassVectorStore
 
     torch.manual_seed(0)
-    cfg = DemoConfig(out_dir=str(tmp_path / "run"), cache_dir=str(pytestconfig.cache.mkdir("promptkd-demo")), progress=False, **QUICK)
+    cfg = DemoConfig(out_dir=str(tmp_path / "run"), cache_dir=str(demo_cache_dir), progress=False, **QUICK)
     summary = run_demo(cfg, log=lambda _: None)
     rows = summary["rows"]
     assert set(rows) == {"zero-shot teacher", "zero-shot student", "teacher", "student"}

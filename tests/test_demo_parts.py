@@ -125,11 +125,11 @@ def test_efficientnet_lite_refuses_wrong_weights(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small_teacher(pytestconfig):
+def small_teacher(demo_cache_dir):
     from promptkd.demo.backbones import DemoTeacher, DemoTeacherConfig, ImageTowerConfig
 
     # pytest's own cache folder: the MiniLM embeddings of the 1000 ImageNet names are computed once
-    cache = pytestconfig.cache.mkdir("promptkd-demo") / "demo"  # the folder the pipeline uses
+    cache = demo_cache_dir / "demo"  # the folder the pipeline uses
     cfg = DemoTeacherConfig(image=ImageTowerConfig(variant="efficientnet-lite0", resolution=32), text_depth=2)
     return DemoTeacher(cfg, cache_dir=cache), cache
 

@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"promptkd {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from promptkd.engine.loop import NonFiniteLossError
+
+        if not isinstance(exc, NonFiniteLossError) or getattr(args, "debug", False):
+            raise
+        print(f"promptkd {args.command}: error: {exc}", file=sys.stderr)  # names the step; checkpoint kept
+        return 3
     return int(result or 0)
 
 
