@@ -237,3 +237,24 @@ def test_bad_settings_are_clear_errors():
     teacher = TinyTeacher()
     with pytest.raises(ValueError, match="projects to 24 dimensions but the class vectors have 48"):
         DistillModule(teacher, TinyStudent(teacher_dim=24), build_store(teacher, CLASSES))
+
+
+def test_agreement_selector_runs_the_frozen_teacher_once_and_scores_like_a_fresh_count():
+    module = make_module()
+    held_out = torch.utils.data.DataLoader(Images(20, 7), batch_size=8)
+    calls = []
+    original = module.teacher.encode_image
+    module.teacher.encode_image = lambda *a, **k: calls.append(1) or original(*a, **k)
+    select = agreement_selector(held_out)
+    first = select(module)["score"]
+    assert len(calls) == 3  # one teacher pass per batch, the first time only
+    with torch.no_grad():
+        for p in module.student.trainable_parameters():
+            p.add_(0.5 * torch.randn_like(p))  # the student moves between epochs, the teacher does not
+    second = select(module)["score"]
+    assert len(calls) == 3
+    with torch.no_grad():
+        module.eval()
+        x = held_out.dataset.x
+        expected = 100.0 * float((module.teacher_logits(x).argmax(-1) == module.student_logits(x).argmax(-1)).float().mean())
+    assert second == pytest.approx(expected) and 0 <= first <= 100

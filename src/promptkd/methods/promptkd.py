@@ -175,7 +175,10 @@ def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
 def agreement_selector(loader: Iterable[dict]) -> Callable[[DistillModule], dict]:
     """Teacher-student top-1 agreement (%) over a loader of held-out unlabelled images (uses ``image`` only).
 
-    In distributed runs give each rank its shard (counts are summed over ranks)."""
+    The loader must be deterministic (test preprocessing): the frozen teacher's predictions are computed
+    in the first call and reused, keyed by ``batch["index"]`` when present, so later epochs only run the
+    student. In distributed runs give each rank its shard (counts are summed over ranks)."""
+    teacher_top1: dict[int, int] = {}
 
     @torch.no_grad()
     def select(module: DistillModule) -> dict:
@@ -185,7 +188,14 @@ def agreement_selector(loader: Iterable[dict]) -> Callable[[DistillModule], dict
         same = total = 0.0
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
-            same += float((module.teacher_logits(images).argmax(-1) == module.student_logits(images).argmax(-1)).sum())
+            keys = batch["index"].tolist() if "index" in batch else None
+            if keys is not None and all(k in teacher_top1 for k in keys):
+                teacher = torch.tensor([teacher_top1[k] for k in keys], device=device)
+            else:
+                teacher = module.teacher_logits(images).argmax(-1)
+                if keys is not None:
+                    teacher_top1.update(zip(keys, teacher.tolist()))
+            same += float((teacher == module.student_logits(images).argmax(-1)).sum())
             total += images.shape[0]
         module.train(was_training)
         same, total = _sum_over_ranks([same, total], device)
