@@ -203,3 +203,16 @@ def test_student_exports_to_onnx(tmp_path):
     got = ort.InferenceSession(str(path)).run(None, {"images": x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), student(x), rtol=1e-4, atol=1e-5)
+
+
+def test_class_name_tokens_are_built_once_per_class_list(monkeypatch):
+    from promptkd.models.clip_backbones import tiny_clip_teacher
+
+    teacher = tiny_clip_teacher(seed=0, width=32, layers=1, image_size=32, patch_size=16)
+    first = teacher.class_name_tokens(["cat", "dog"])
+    calls = []
+    original = teacher.tokenizer.encode
+    monkeypatch.setattr(teacher.tokenizer, "encode", lambda text: calls.append(text) or original(text))
+    assert teacher.class_name_tokens(["cat", "dog"]) is first and not calls
+    other = teacher.class_name_tokens(["dog", "cat"])
+    assert calls and torch.equal(other[0], first[1]) and torch.equal(other[1], first[0])

@@ -78,6 +78,7 @@ class ClipTeacher(_ClipBackbone, Teacher):
         self.weights_sha256 = weights_sha256 or tensors_sha256(clip.state_dict())
         self.random_init_seed = random_init_seed
         self._tokenizer = tokenizer
+        self._name_tokens: tuple[tuple[str, ...], Tensor] | None = None  # last class list -> token ids
         cfg = clip.cfg
         self.embed_dim = cfg.embed_dim
         self.image_spec = _image_spec(cfg)
@@ -122,7 +123,11 @@ class ClipTeacher(_ClipBackbone, Teacher):
     def class_name_tokens(self, class_names: Sequence[str]) -> Tensor:
         """[N, L] ids of "SOS X..X {name}. EOT" (n_ctx placeholders, whose embeddings get replaced).
 
-        A name too long for the context is cut, EOT kept last."""
+        A name too long for the context is cut, EOT kept last. The ids of the last class list are kept,
+        since training steps encode the same names again and again."""
+        key = tuple(class_names)
+        if self._name_tokens is not None and self._name_tokens[0] == key:
+            return self._name_tokens[1]
         tok, n, length = self.tokenizer, self.prompt_cfg.n_ctx_text, self.context_length
         placeholder = tok.encode("X")[0]
         out = torch.zeros(len(class_names), length, dtype=torch.long)
@@ -130,6 +135,7 @@ class ClipTeacher(_ClipBackbone, Teacher):
             body = tok.encode(f"{name}.")[: max(0, length - 2 - n)]
             ids = [tok.sot_id, *([placeholder] * n), *body, tok.eot_id]
             out[row, : len(ids)] = torch.tensor(ids)
+        self._name_tokens = (key, out)
         return out
 
     # -- the Teacher interface ---------------------------------------------------------------------
