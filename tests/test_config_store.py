@@ -42,3 +42,11 @@ def test_store_logits_match_float64_reference():
     ref = 100.0 * (feats.double() / feats.double().norm(dim=-1, keepdim=True)) @ vec.double().t()
     assert torch.allclose(store.logits(feats).double(), ref, rtol=1e-5, atol=1e-4)
     assert json.loads(json.dumps(store.class_names)) == list("abcde")
+
+
+def test_flatten_and_differences_name_each_changed_key():
+    old = {"train": {"lr": 0.005, "num_workers": 2}, "data": {"shots": 16}}
+    new = {"train": {"lr": 0.01, "num_workers": 8}, "data": {"shots": 16, "extra": 1}}
+    assert config.flatten(old) == {"train.lr": 0.005, "train.num_workers": 2, "data.shots": 16}
+    assert config.differences(old, new, ignore=["train.num_workers"]) == [
+        "data.extra: None -> 1", "train.lr: 0.005 -> 0.01"]

@@ -121,3 +121,19 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def flatten(cfg: Mapping, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        out.update(flatten(value, name + ".") if isinstance(value, Mapping) else {name: value})
+    return out
+
+
+def differences(old: Mapping, new: Mapping, ignore: Iterable[str] = ()) -> list[str]:
+    """``"key: old -> new"`` for every flattened key whose value differs (keys in ``ignore`` skipped)."""
+    a, b, skip = flatten(old), flatten(new), set(ignore)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in skip]

@@ -109,17 +109,10 @@ def resolve_config(config: str | None, overrides: list[str], seed: int) -> dict:
     return cfg
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_resume(saved_cfg: dict, cfg: dict, saved_run: dict, run_info: dict, where: Path) -> None:
-    a, b = _flat(saved_cfg), _flat(cfg)
-    changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-               if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
+    from promptkd.config import differences
+
+    changed = differences(saved_cfg, cfg, RESUMABLE_CHANGES)
     for key in ("store_fingerprint", "teacher_adapter_sha256"):
         if saved_run.get(key) != run_info.get(key):
             changed.append(f"{key}: {saved_run.get(key)!r} -> {run_info.get(key)!r}")
@@ -159,9 +152,11 @@ def check_store_matches_teacher(store, teacher, where: str) -> None:
     other trained prompts on the same backbone."""
     import torch
 
+    from promptkd.config import flatten
+
     if store.teacher:
-        a = {k: v for k, v in _flat(store.teacher).items() if k != "weights"}
-        b = {k: v for k, v in _flat(teacher.identity()).items() if k != "weights"}
+        a = {k: v for k, v in flatten(store.teacher).items() if k != "weights"}
+        b = {k: v for k, v in flatten(teacher.identity()).items() if k != "weights"}
         differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if differ:
             raise ValueError(f"{where}: these class vectors were computed by another teacher (identity differs in "

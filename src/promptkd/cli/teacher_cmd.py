@@ -90,19 +90,12 @@ def resolve_config(config: str | None, overrides: list[str], seed: int) -> dict:
     return cfg
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
 def check_resume_config(saved: dict, new: dict, where: Path) -> None:
-    a, b = _flat(saved), _flat(new)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+    from promptkd.config import differences
+
+    changed = differences(saved, new, RESUMABLE_CHANGES)
     if changed:
-        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:8])
+        shown = ", ".join(changed[:8])
         raise ValueError(f"{where}: cannot resume with a different config ({shown}); use a new --out")
 
 
