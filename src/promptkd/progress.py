@@ -152,10 +152,3 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, 
     cls = PlainProgress if mode == "plain" else NoProgress
     return cls(iterable, total=total, desc=desc, unit=unit, initial=initial, stream=stream, min_interval=min_interval)
 
-
-def note(message: str, stream: IO[str] | None = None) -> None:
-    """One line about a stage (printed in every mode except ``off``), e.g. "loading models"."""
-    stream = stream if stream is not None else sys.stderr
-    if progress_mode(stream) != "off":
-        stream.write(message + "\n")
-        stream.flush()
