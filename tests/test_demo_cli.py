@@ -21,7 +21,7 @@ def test_quick_run_has_its_own_folder_and_the_full_run_keeps_runs_demo():
     assert build_config(parse()).out_dir == DEFAULT_OUT == "runs/demo"
     quick = build_config(parse("--quick"))
     assert quick.out_dir == QUICK_OUT == "runs/demo-quick"
-    assert (quick.resolution, quick.unlabelled, quick.student_epochs) == (96, 500, 6)
+    assert (quick.resolution, quick.unlabelled, quick.student_epochs) == (128, 500, 6)
     assert build_config(parse("--quick", "--out", "elsewhere")).out_dir == "elsewhere"
     assert build_config(parse("--no-cache")).cache_dir == ""
     assert build_config(parse("--set", "student_epochs=3")).student_epochs == 3
@@ -31,7 +31,7 @@ def test_help_states_what_the_options_really_do(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"{QUICK['resolution']} px" in text and "64 px" not in text
+    assert f"{QUICK['resolution']} px" in text and "64 px" not in text and "96 px" not in text
     assert "runs/demo-quick" in text
     assert "torch's choice" not in text and "the cores that no other process is using right now" in text
     assert "(default: 1)" in text  # --seed, from argparse's %(default)s

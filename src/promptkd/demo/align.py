@@ -27,7 +27,7 @@ from promptkd.fileio import atomic_save_with
 ALIGN_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a picture of a {}.", "an image of a {}.", "{}")
 CLASSNAMES_SHA256 = "89e0b642c6697a3a43a06a2bb65f9fefb3ca295ccc5f4ba9ce385f1a3a58c629"
 DEFAULT_RIDGE = 0.1
-# MiniLM embeddings of the 1000 names (float16), made by write_packaged_name_embeddings; used when its key
+# MiniLM embeddings of the 1000 names (float32), made by write_packaged_name_embeddings; used when its key
 # (MiniLM weights + names + templates) matches the installed encoder's
 PACKAGED_EMBEDDINGS = "imagenet_name_embeddings-minilm-l6-v2.safetensors"
 
@@ -76,13 +76,9 @@ def packaged_name_embeddings_path() -> Path:
 
 
 def compute_name_embeddings(text_encoder) -> Tensor:
-    """MiniLM embeddings of the 1000 ImageNet names (template average), rounded to float16 precision.
-
-    The rounding makes the result the same on every machine (float32 kernels differ in their last bits)
-    and equal to the packaged copy; it moves each value by less than 0.05%."""
+    """MiniLM embeddings [1000, 384] of the 1000 ImageNet names (template average), float32."""
     with torch.no_grad():
-        emb = template_embeddings(text_encoder.embed, imagenet_classnames())
-    return emb.half().float()
+        return template_embeddings(text_encoder.embed, imagenet_classnames()).float()
 
 
 def _read_embeddings(path: Path, key: str) -> Tensor | None:
@@ -97,9 +93,9 @@ def _read_embeddings(path: Path, key: str) -> Tensor | None:
 
 
 def write_name_embeddings(path: Path, embeddings: Tensor, text_sha256: str) -> Path:
-    """float16 embeddings with what they were made from (the key and its parts) as metadata."""
+    """The embeddings with what they were made from (the key and its parts) as metadata."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"embeddings": embeddings.half().contiguous()}
+    tensors = {"embeddings": embeddings.float().contiguous()}
     metadata = {"key": name_embeddings_key(text_sha256), "text_weights_sha256": text_sha256,
                 "classnames_sha256": CLASSNAMES_SHA256, "templates": json.dumps(ALIGN_TEMPLATES)}
     return atomic_save_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -109,7 +105,8 @@ def cached_name_embeddings(text_encoder, cache_dir: Path | None, text_sha256: st
     """Template-averaged MiniLM embeddings [1000, 384] of the 1000 ImageNet names.
 
     Read from the copy packaged with promptkd when it was made from the same MiniLM weights, names and
-    templates (it saves ~25 s of CPU on a first run); else from ``cache_dir``; else computed (and cached)."""
+    templates: it saves ~25 s of CPU on a first run, and every machine gets the same bits (MiniLM's float32
+    kernels differ in their last bits between CPUs). Else from ``cache_dir``; else computed (and cached)."""
     key = name_embeddings_key(text_sha256)
     packaged = _read_embeddings(packaged_name_embeddings_path(), key)
     if packaged is not None:
