@@ -430,7 +430,7 @@ def teacher_classifier(path: str | Path, class_names: Sequence[str], *, device: 
 
 
 def zeroshot_classifier(clip_weights: str | Path, bench, *, device: torch.device | str = "cpu",
-                        templates: str = "coop", trust_checkpoint: bool = False) -> ImageClassifier:
+                        templates: str = "coop", trust_checkpoint: bool = False, **load_options) -> ImageClassifier:
     """Frozen CLIP: un-prompted image tower + frozen text tower over a template set (CoOp's by default,
     as the paper's CLIP rows)."""
     from promptkd.methods.templates import template_set
@@ -439,7 +439,8 @@ def zeroshot_classifier(clip_weights: str | Path, bench, *, device: torch.device
     from promptkd.models.prompts import PromptConfig
 
     no_prompts = PromptConfig(n_ctx_text=0, text_depth=0, ctx_init=None, n_ctx_vision=0, vision_depth=0)
-    clip = load_clip_teacher(clip_weights, no_prompts, trust_checkpoint=trust_checkpoint, device=device).eval()
+    clip = load_clip_teacher(clip_weights, no_prompts, trust_checkpoint=trust_checkpoint, device=device,
+                             **load_options).eval()
     store = zeroshot_store(clip, bench.classnames, template_set(templates, bench.name))
 
     def encode(images: Tensor) -> Tensor:
