@@ -193,6 +193,7 @@ class DataPlan:
     source: str
     bench: Any = None  # the labelled dataset the run is about (classes, val/test for selection), if any
     notes: list[str] = field(default_factory=list)
+    labelled: tuple[list, list[int]] | None = None  # selection=val/paper: (samples, store rows of their labels)
 
     def info(self) -> dict:
         return {"source": self.source, "images": len(self.train_paths), "held_out": len(self.held_out)}
@@ -236,7 +237,9 @@ def plan_data(settings: dict, data_root: str | Path | None, store) -> DataPlan:
     held: list[str] = []
     if settings["method"]["selection"] == "agreement":
         paths, held = split_holdout(paths, float(data["holdout"]), seed)
-    return DataPlan(paths, held, source, bench, notes)
+    plan = DataPlan(paths, held, source, bench, notes)
+    plan.labelled = selection_images(settings, plan, store)
+    return plan
 
 
 def selection_images(settings: dict, plan: DataPlan, store) -> tuple[list, list[int]] | None:
@@ -287,10 +290,9 @@ def build_selector(settings: dict, plan: DataPlan, store, image_spec):
     if settings["method"]["selection"] == "agreement":
         held = UnlabelledImages(plan.held_out, eval_tf, on_bad_image=on_bad)
         return agreement_selector(make_loader(held, 64, num_workers=workers, distributed=shard))
-    chosen = selection_images(settings, plan, store)
-    if chosen is None:
+    if plan.labelled is None:
         return None
-    samples, rows = chosen
+    samples, rows = plan.labelled
     images = LabelledImages(samples, eval_tf, on_bad_image=on_bad)
     return labelled_accuracy_selector(make_loader(images, 64, num_workers=workers, distributed=shard), rows)
 
