@@ -215,3 +215,30 @@ def test_lock_waits_for_nobody_after_a_clean_exit(tmp_path):
         assert (folder.path / LOCK_FILE).is_file()
         t0 = time.time()
     assert not (tmp_path / "x" / LOCK_FILE).exists() and time.time() - t0 < 5
+
+
+@pytest.mark.filterwarnings("ignore:.*fewer than .* images:UserWarning")
+def test_tensorboard_curves_equal_the_jsonl_log(world, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "teacher"
+    assert _cli([*_teacher_args(world, out), "--set", "log.tensorboard=true", "--set", "train.log_every=1"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["type"] == "step"]
+    loss = [(e.step, e.value) for e in events.Scalars("step/loss")]
+    assert loss == [(r["global_step"], pytest.approx(r["loss"], rel=1e-6)) for r in steps]
+    assert [e.value for e in events.Scalars("step/lr")] == pytest.approx([r["lr"] for r in steps])
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert [e.value for e in events.Scalars("epoch/gpa_weight")] == pytest.approx([r["gpa_weight"] for r in epochs])
+
+    evaluated = tmp_path / "eval"
+    assert _cli(["evaluate", "--model", "teacher", "--artefact", out, "--data-root", world / "data", "--dataset",
+                 "Caltech101", "--protocol", "base2novel", "--out", evaluated, "--device", "cpu", "--workers", 0,
+                 "--tensorboard"]) == 0
+    events = EventAccumulator(str(evaluated / "tensorboard"))
+    events.Reload()
+    metrics = json.loads((evaluated / "results.json").read_text())["metrics"]
+    assert events.Scalars("eval/Caltech101/hm")[0].value == pytest.approx(metrics["hm"], abs=1e-3)

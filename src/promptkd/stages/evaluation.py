@@ -37,6 +37,7 @@ class EvaluateConfig:
     trust_checkpoint: bool = False
     arch: str | None = None  # CLIP architecture of a bare state dict (zeroshot)
     progress: bool | None = None  # None: bars on a terminal
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to OUT/tensorboard
     quiet: bool = False
 
 
@@ -111,6 +112,14 @@ def evaluate_model(cfg: EvaluateConfig | None = None, **fields: Any) -> EvalRun:
     result = evaluate_benchmark(clf, bench, cfg.protocol, seed=cfg.seed, batch_size=cfg.batch_size,
                                 num_workers=cfg.workers, device=device, precision=cfg.precision, progress=progress)
     files = write_results(result, out)
+    if cfg.tensorboard:
+        from promptkd.engine.loop import open_tensorboard
+
+        writer = open_tensorboard(out / "tensorboard")
+        for key, value in result.metrics.items():
+            writer.add_scalar(f"eval/{result.dataset}/{key}", value, cfg.seed)
+        writer.close()
+        files["tensorboard"] = out / "tensorboard"
     run = EvalRun(dict(result.metrics), result, files)
     say(f"wrote {files['json']}, {files['table'].name}, {files['per_class'].name}")
     return run
