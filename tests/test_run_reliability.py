@@ -242,3 +242,15 @@ def test_tensorboard_curves_equal_the_jsonl_log(world, tmp_path):
     events.Reload()
     metrics = json.loads((evaluated / "results.json").read_text())["metrics"]
     assert events.Scalars("eval/Caltech101/hm")[0].value == pytest.approx(metrics["hm"], abs=1e-3)
+
+
+def test_a_write_that_fails_midway_is_one_line_and_leaves_no_partial_file(world, tmp_path):
+    out = tmp_path / "small"
+    args = " ".join(f"'{a}'" for a in map(str, _teacher_args(world, out)))
+    # ulimit -f 8: 8 KiB per file, enough for the config and logs, not for a checkpoint (EFBIG, as a full disk)
+    done = subprocess.run(["bash", "-c", f"ulimit -f 8; exec '{sys.executable}' -m promptkd {args}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"{out / 'checkpoints' / 'last.pt'}: cannot write" in done.stderr
+    assert "file too large" in done.stderr
+    assert not list(out.rglob("*.tmp*"))  # the partial checkpoint is gone

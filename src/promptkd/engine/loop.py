@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from promptkd.config import spec, validate_instance
 from promptkd.engine import distributed as D
+from promptkd.fileio import OutputError, atomic_writer, describe_os_error
 
 CHECKPOINT_FORMAT = "promptkd.loop_checkpoint.v1"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -262,14 +263,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """torch.save to a temporary file in the same folder, then an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save to a temporary file in the same folder, then an atomic rename; a failed write (full disk,
+    ``ulimit -f``) leaves the previous checkpoint in place and raises one line naming the file."""
+    try:
+        with atomic_writer(path) as f:
+            torch.save(payload, f)
+    except RuntimeError as exc:  # torch's zip writer reports a failed write as a RuntimeError
+        kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was written"
+        raise OutputError(None, f"{path}: cannot write the checkpoint ({' '.join(str(exc).split())[:200]}); "
+                                f"{kept}. Free space (or raise ulimit -f) and continue with --resume") from None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -300,8 +302,12 @@ class RunLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record, default=float) + "\n")
+            path = self.out_dir / "log.jsonl"
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(record, default=float) + "\n")
+            except OSError as exc:
+                raise OutputError(exc.errno, describe_os_error(exc, path)) from None
             if self.tb is not None and record.get("type") in ("step", "epoch"):
                 kind = record["type"]
                 step = int(record.get("global_step", record.get("steps", 0)))
@@ -322,12 +328,10 @@ class RunLog:
         columns: list[str] = []
         for row in history:
             columns += [k for k in row if k not in columns]
-        tmp = self.out_dir / "summary.csv.tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_writer(self.out_dir / "summary.csv", "w") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(history)
-        os.replace(tmp, self.out_dir / "summary.csv")
 
 
 def open_tensorboard(log_dir: Path):
