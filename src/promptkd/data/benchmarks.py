@@ -264,7 +264,9 @@ def _assemble(name: str, splits: dict[str, list[tuple[str, int, str]]], source: 
         problems.append(f"{source}: labels must be 0..{n - 1} with no gaps; missing {missing_labels[:10]}")
     if check_files:
         for rows in splits.values():
-            problems.extend(f"{path}: listed in {source} but missing" for path, _, _ in rows if not os.path.isfile(path))
+            problems.extend(f"{path}: listed in {source} but " + ("a broken symbolic link (target missing)"
+                                                                 if os.path.islink(path) else "missing")
+                            for path, _, _ in rows if not os.path.isfile(path))
     classnames = [prompt_name(names.get(i, f"class_{i}")) for i in range(n)]
     out = {s: [Sample(p, lab, classnames[lab] if 0 <= lab < n else str(lab)) for p, lab, _ in rows]
            for s, rows in splits.items()}
