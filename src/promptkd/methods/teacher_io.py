@@ -213,11 +213,15 @@ def load_class_vectors(path: str | Path, class_names: Sequence[str]) -> ClassVec
 
 
 def read_class_names(path: str | Path) -> list[str]:
-    """One class name per line (blank lines and lines starting with '#' ignored)."""
+    """One class name per line (blank lines and lines starting with '#' ignored), cleaned up exactly as the
+    dataset route cleans folder / split-file names (:func:`promptkd.data.benchmarks.prompt_name`)."""
+    from promptkd.data.benchmarks import prompt_name
+
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"class-name file not found: {p}")
-    names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    names = [prompt_name(ln) for ln in p.read_text(encoding="utf-8-sig").splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
     if not names:
         raise ValueError(f"{p}: no class names (expected one per line)")
     return names
