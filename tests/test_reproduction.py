@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import math
 import random
@@ -23,20 +22,6 @@ import torch
 from safetensors.torch import load_file
 
 from promptkd.cli import main
-
-SHARED_SPLITS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "splits"
-PACKAGED_SPLITS = Path(__file__).resolve().parents[1] / "src" / "promptkd" / "data" / "assets" / "splits"
-
-
-def flowers_split(tmp_path: Path) -> Path | None:
-    """The authors' split_zhou_OxfordFlowers.json (packaged copy, or the shared reference folder)."""
-    packed = PACKAGED_SPLITS / "split_zhou_OxfordFlowers.json.gz"
-    if packed.is_file():
-        out = tmp_path / "split_zhou_OxfordFlowers.json"
-        out.write_bytes(gzip.decompress(packed.read_bytes()))
-        return out
-    plain = SHARED_SPLITS / "split_zhou_OxfordFlowers.json"
-    return plain if plain.is_file() else None
 
 
 def dassl_few_shot(items: list, num_shots: int) -> list:
@@ -67,13 +52,11 @@ def tiny_clips(tmp_path_factory):
 
 def test_teacher_shots_are_the_authors_images_on_the_real_flowers_split(tmp_path, tiny_clips):
     from promptkd.data.fixtures import layout_placeholders
+    from promptkd.data.split_files import packaged_split
     from promptkd.stages import TeacherConfig, train_teacher
 
-    split = flowers_split(tmp_path)
-    if split is None:
-        pytest.skip("no Flowers102 split file (packaged or shared)")
-    layout_placeholders(tmp_path / "data", "Flowers102", split)  # empty files: no image is decoded
-    raw = json.loads(split.read_text())
+    layout_placeholders(tmp_path / "data", "Flowers102")  # the packaged real split; empty files: nothing decoded
+    raw = packaged_split("Flowers102")
     labels = [item[1] for item in raw["train"]]
     assert labels != sorted(labels)  # the train list is not sorted by label: the draw order matters here
     n_base = math.ceil(102 / 2)

@@ -130,7 +130,7 @@ def test_presets_hold_the_papers_teacher_settings(preset, classes):
         return teacher_settings(preset, [*overrides, f"train.seed={seed}"])
 
     cfg = resolve_config(preset, [], seed=3)
-    assert cfg["data"] == {"classes": classes, "shots": 16, "on_bad_image": "skip"}
+    assert cfg["data"] == {"classes": classes, "shots": 16, "on_bad_image": "skip", "max_image_pixels": 89_478_485}
     assert cfg["teacher"] == {"n_ctx_text": 4, "text_depth": 9, "ctx_init": "a photo of a", "n_ctx_vision": 4,
                               "vision_depth": 9}
     m, t = cfg["method"], cfg["train"]

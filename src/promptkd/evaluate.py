@@ -363,6 +363,7 @@ def evaluate_benchmark(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     progress: bool = True,
+    max_image_pixels: int | None = None,
 ) -> EvalResult:
     """Features of every test image of ``bench`` (once), then the protocol's metrics."""
     from promptkd.data.loader import BadImageError, LabelledImages, make_loader
@@ -372,7 +373,8 @@ def evaluate_benchmark(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     # a test image that cannot be read must stop the evaluation, not be replaced by another one
-    dataset = LabelledImages(bench.test, preprocess_for(classifier.image_spec), on_bad_image="error")
+    limit = {"max_image_pixels": max_image_pixels} if max_image_pixels else {}
+    dataset = LabelledImages(bench.test, preprocess_for(classifier.image_spec), on_bad_image="error", **limit)
     if len(dataset) == 0:  # say which dataset (extract_features alone cannot)
         raise ValueError(f"{bench.name}: the test split is empty: nothing to evaluate")
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)

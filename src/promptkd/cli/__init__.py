@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # bad input, a missing or unwritable file: one line naming it
         if getattr(args, "debug", False):
             raise
+        _close_progress_bars()
         print(f"promptkd {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
@@ -70,9 +71,20 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(exc, NonFiniteLossError) or getattr(args, "debug", False):
             raise
+        _close_progress_bars()
         print(f"promptkd {args.command}: error: {exc}", file=sys.stderr)  # names the step; checkpoint kept
         return 3
     return int(result or 0)
+
+
+def _close_progress_bars() -> None:
+    """An error ends the run mid-bar: close open bars so the error starts on its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -38,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default auto)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast dtype (default %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=None,
+                   help="larger test images are refused (JPEGs decoded smaller); default Pillow's 89,478,485")
     p.add_argument("--tensorboard", action="store_true", help="also write the metrics as TensorBoard scalars (OUT/tensorboard)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, dataset=args.dataset, protocol=args.protocol, out=args.out, artefact=args.artefact,
         clip_weights=args.clip_weights, data_root=args.data_root, templates=args.templates, seed=args.seed,
         batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
-        trust_checkpoint=args.trust_checkpoint, arch=args.arch, tensorboard=args.tensorboard))
+        trust_checkpoint=args.trust_checkpoint, arch=args.arch, tensorboard=args.tensorboard,
+        max_image_pixels=args.max_image_pixels))
     print(result.summary)
     return 0

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from promptkd.config import spec
+from promptkd.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from promptkd.engine.loop import LoopConfig
 from promptkd.methods.promptkd import SELECTIONS, WEIGHTINGS
 from promptkd.stages.common import (
@@ -75,6 +76,8 @@ class DistillData:
     val_shots: int = spec(4, ge=0, help="selection=val: validation images per class, drawn as Dassl draws them "
                                         "(0: the whole validation split)")
     on_bad_image: str = spec("skip", choices=("skip", "error"), help="skip an unreadable image (counted) or stop")
+    max_image_pixels: int = spec(DEFAULT_MAX_IMAGE_PIXELS, ge=1,
+                                 help="larger images are refused (JPEGs are decoded smaller instead)")
 
 
 @dataclass
@@ -286,15 +289,15 @@ def build_selector(settings: dict, plan: DataPlan, store, image_spec):
     shard = (D.rank(), D.world_size()) if D.world_size() > 1 else None
     workers = int(settings["train"]["num_workers"])
     eval_tf = Preprocess.from_spec(image_spec)
-    on_bad = settings["data"]["on_bad_image"]
+    images = {"on_bad_image": settings["data"]["on_bad_image"], "max_image_pixels": settings["data"]["max_image_pixels"]}
     if settings["method"]["selection"] == "agreement":
-        held = UnlabelledImages(plan.held_out, eval_tf, on_bad_image=on_bad)
+        held = UnlabelledImages(plan.held_out, eval_tf, **images)
         return agreement_selector(make_loader(held, 64, num_workers=workers, distributed=shard))
     if plan.labelled is None:
         return None
     samples, rows = plan.labelled
-    images = LabelledImages(samples, eval_tf, on_bad_image=on_bad)
-    return labelled_accuracy_selector(make_loader(images, 64, num_workers=workers, distributed=shard), rows)
+    labelled = LabelledImages(samples, eval_tf, **images)
+    return labelled_accuracy_selector(make_loader(labelled, 64, num_workers=workers, distributed=shard), rows)
 
 
 def build_training_data(settings: dict, data_root: str | Path | None, store, image_spec, plan: DataPlan | None = None):
@@ -304,7 +307,8 @@ def build_training_data(settings: dict, data_root: str | Path | None, store, ima
 
     plan = plan or plan_data(settings, data_root, store)
     train_set = UnlabelledImages(plan.train_paths, TrainAugment.from_spec(image_spec),
-                                 seed=int(settings["train"]["seed"]), on_bad_image=settings["data"]["on_bad_image"])
+                                 seed=int(settings["train"]["seed"]), on_bad_image=settings["data"]["on_bad_image"],
+                                 max_image_pixels=settings["data"]["max_image_pixels"])
     return train_set, build_selector(settings, plan, store, image_spec), plan.info()
 
 

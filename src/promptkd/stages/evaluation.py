@@ -37,6 +37,7 @@ class EvaluateConfig:
     trust_checkpoint: bool = False
     arch: str | None = None  # CLIP architecture of a bare state dict (zeroshot)
     progress: bool | None = None  # None: bars on a terminal
+    max_image_pixels: int | None = None  # None: promptkd.data.decode.DEFAULT_MAX_IMAGE_PIXELS
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars to OUT/tensorboard
     quiet: bool = False
 
@@ -110,7 +111,8 @@ def evaluate_model(cfg: EvaluateConfig | None = None, **fields: Any) -> EvalRun:
             clf = student_classifier(cfg.artefact, device=device, **options)
     progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     result = evaluate_benchmark(clf, bench, cfg.protocol, seed=cfg.seed, batch_size=cfg.batch_size,
-                                num_workers=cfg.workers, device=device, precision=cfg.precision, progress=progress)
+                                num_workers=cfg.workers, device=device, precision=cfg.precision, progress=progress,
+                                max_image_pixels=cfg.max_image_pixels)
     files = write_results(result, out)
     if cfg.tensorboard:
         from promptkd.engine.loop import open_tensorboard

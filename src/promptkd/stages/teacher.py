@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from promptkd.config import spec
+from promptkd.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from promptkd.engine.loop import LoopConfig
 from promptkd.methods.promptsrc import PromptSRCConfig
 from promptkd.methods.teacher_io import TeacherPrompts
@@ -45,6 +46,8 @@ class TeacherData:
                         help="base: the first ceil(N/2) classes (base-to-novel); all: every class")
     shots: int = spec(16, ge=1, help="labelled images per class, drawn with the run seed")
     on_bad_image: str = spec("skip", choices=("skip", "error"), help="skip an unreadable image (counted) or stop")
+    max_image_pixels: int = spec(DEFAULT_MAX_IMAGE_PIXELS, ge=1,
+                                 help="larger images are refused (JPEGs are decoded smaller instead)")
 
 
 @dataclass
@@ -169,7 +172,8 @@ def _train(cfg: TeacherConfig, folder: RunFolder) -> TeacherRun:
         say("resuming with a changed schedule: " + "; ".join(schedule_changes))
 
     transform = TrainAugment(teacher.image_spec.size, teacher.image_spec.mean, teacher.image_spec.std)
-    data = LabelledImages(train_bench.train, transform, seed=seed, on_bad_image=data_cfg["on_bad_image"])
+    data = LabelledImages(train_bench.train, transform, seed=seed, on_bad_image=data_cfg["on_bad_image"],
+                          max_image_pixels=data_cfg["max_image_pixels"])
     method_cfg = {**settings["method"], "epochs": loop_cfg.epochs}
     say(f"{settings['method']['method']} on {bench.name} ({data_cfg['classes']} classes: {len(class_names)}, "
         f"{len(data)} images), {loop_cfg.epochs} epochs, batch {loop_cfg.batch_size}, "
