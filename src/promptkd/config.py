@@ -416,17 +416,17 @@ def build(schema: type, preset: str | Path | None = None, overrides: Iterable[st
     """defaults (or ``base``) <- preset <- overrides, validated against ``schema``: a plain nested dict."""
     cfg = copy.deepcopy(dict(base)) if base is not None else defaults_of(schema, exclude)
     if preset:
-        cfg = _merge_loose(cfg, check(load_yaml(preset), schema, exclude=exclude, where=f"preset {preset}"))
-    cfg = _merge_loose(cfg, parse_overrides(overrides))
+        cfg = overlay(cfg, check(load_yaml(preset), schema, exclude=exclude, where=f"preset {preset}"))
+    cfg = overlay(cfg, parse_overrides(overrides))
     return check(cfg, schema, exclude=exclude, where=where)
 
 
-def _merge_loose(base: Mapping, update: Mapping) -> dict:
-    """Deep merge without key checks (``check`` reports unknown keys with suggestions afterwards)."""
+def overlay(base: Mapping, update: Mapping) -> dict:
+    """``update`` deep-merged over ``base`` without key checks (``check`` reports unknown keys afterwards)."""
     out = copy.deepcopy(dict(base))
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge_loose(out[key], value)
+            out[key] = overlay(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out

@@ -195,7 +195,7 @@ def resolve_settings(schema: type, folder: RunFolder, preset: str | None, overri
     saved_path = folder.path / "config.yaml"
     if folder.resume and saved_path.is_file():
         saved = cfgmod.load_saved(saved_path)
-        base = cfgmod._merge_loose(cfgmod.defaults_of(schema, exclude), saved)
+        base = cfgmod.overlay(cfgmod.defaults_of(schema, exclude), saved)
         base.setdefault("train", {})["max_steps"] = None  # a stop point applies to one invocation only
         merged = cfgmod.build(schema, None, overrides, base=base, exclude=exclude, where=where)
         if seed is not None:
