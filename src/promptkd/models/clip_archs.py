@@ -102,8 +102,9 @@ def named_arch(name: str) -> ArchInfo:
         hint = [n for n in arch_names() if n.lower() == text.lower()]
         raise ValueError(f"unknown CLIP architecture {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                          + f"; known: {', '.join(arch_names())}; or give an open_clip config file (.json)")
-    cfg = KNOWN_ARCHS[key].config(act)
-    return ArchInfo(f"arch {text}", cfg, act=act, mean=OPENAI_MEAN, std=OPENAI_STD)
+    # the name says nothing about the normalisation of particular weights: that stays with the file's
+    # config, else OpenAI's (open_clip's default too)
+    return ArchInfo(f"arch {text}", KNOWN_ARCHS[key].config(act), act=act)
 
 
 def known_heads(width: int, layers: int, mlp_width: int, tower: str) -> int | None:

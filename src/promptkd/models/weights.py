@@ -203,18 +203,17 @@ def resolve_config(shapes: CLIPConfig, sources: list[ArchInfo], source: str, *, 
         notes += list(info.notes)
     has_text = shapes.text is not None
     if sources:
-        said = {(info.config.vision.heads, info.config.text.heads if has_text and info.config.text else None)
-                for info in sources if info.config.text is not None or not has_text}
-        if len(said) > 1:
+        v_said = {i.config.vision.heads for i in sources}
+        t_said = {i.config.text.heads for i in sources if i.config.text is not None} if has_text else set()
+        if len(v_said) > 1 or len(t_said) > 1:
             listed = "; ".join(f"{i.source}: {i.config.vision.heads} vision"
                                + (f" / {i.config.text.heads} text" if has_text and i.config.text else "") + " heads"
                                for i in sources)
             raise ValueError(f"{source}: the architecture descriptions disagree on the attention heads ({listed})")
-        first = sources[0]
-        text_heads = next((i.config.text.heads for i in sources if i.config.text is not None), None)
-        if has_text and text_heads is None:
+        if has_text and not t_said:
             raise _refusal(source, "text", shapes.text)
-        v_heads, settled = first.config.vision.heads, first.source
+        first = sources[0]
+        v_heads, text_heads, settled = v_said.pop(), t_said.pop() if has_text else None, first.source
         base_act = next((i.act for i in sources if i.act), None) or "quick_gelu"
         eps = first.config.ln_eps
         mean = next((i.mean for i in sources if i.mean), shapes.mean)
@@ -237,8 +236,9 @@ def resolve_config(shapes: CLIPConfig, sources: list[ArchInfo], source: str, *, 
         settled, base_act, eps, mean, std = "the shape of a known architecture", "quick_gelu", 1e-5, shapes.mean, shapes.std
         if act is None:
             notes.append(f"{source}: the file does not record its activation; QuickGELU assumed (OpenAI's releases). "
-                         "LAION/DataComp open_clip models use GELU: pass --arch NAME (e.g. ViT-H-14 for GELU, "
-                         f"ViT-H-14-quickgelu) or put its {OPEN_CLIP_CONFIG} beside it")
+                         "LAION/DataComp open_clip models use GELU: pass --arch with open_clip's name of the "
+                         "architecture (e.g. ViT-B-16: GELU; ViT-B-16-quickgelu or OpenAI's ViT-B/16: QuickGELU) "
+                         f"or put its {OPEN_CLIP_CONFIG} beside it")
     try:
         cfg = replace(shapes, vision=replace(shapes.vision, heads=v_heads),
                       text=replace(shapes.text, heads=text_heads) if has_text else None,
@@ -271,7 +271,8 @@ def _open_clip_folder_weights(folder: Path) -> Path | None:
             return folder / name
     if (folder / "config.json").is_file():
         return None  # a Hugging Face folder that also carries open_clip's config
-    raise FileNotFoundError(f"{folder}: {OPEN_CLIP_CONFIG} but no weights file ({', '.join(OPEN_CLIP_WEIGHTS)})")
+    raise FileNotFoundError(f"{folder}: {OPEN_CLIP_CONFIG} but none of {', '.join(OPEN_CLIP_WEIGHTS)}; pass the "
+                            "weights file itself (the config beside it is read)")
 
 
 def read_clip_checkpoint(path: str | Path, trust_checkpoint: bool = False, act: str | None = None,
