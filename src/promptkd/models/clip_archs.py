@@ -232,7 +232,10 @@ def recorded_arch(cfg: CLIPConfig, source: str = "the architecture recorded in t
     return ArchInfo(source, cfg, act=cfg.act, mean=cfg.mean, std=cfg.std)
 
 
-def arch_info(arch: str | Path | dict | CLIPConfig | ArchInfo) -> ArchInfo:
+ArchLike = str | Path | dict | CLIPConfig | ArchInfo  # what ``arch=`` / ``--arch`` accept
+
+
+def arch_info(arch: ArchLike) -> ArchInfo:
     """``arch=`` of the API and ``--arch`` of the CLI: a known name, an open_clip config (file or dict),
     or a :class:`CLIPConfig` (e.g. the one an artefact recorded)."""
     if isinstance(arch, ArchInfo):
@@ -261,5 +264,5 @@ def describe(cfg: CLIPConfig) -> str:
     return "; ".join(parts)
 
 
-__all__ = ["ArchInfo", "KNOWN_ARCHS", "OPENAI_NAMES", "arch_names", "named_arch", "known_heads", "open_clip_arch",
+__all__ = ["ArchInfo", "ArchLike", "KNOWN_ARCHS", "OPENAI_NAMES", "arch_names", "named_arch", "known_heads", "open_clip_arch",
            "read_open_clip_config", "recorded_arch", "arch_info", "describe"]

@@ -27,6 +27,7 @@ from torch import Tensor
 from promptkd.models import backbones
 from promptkd.models.backbones import IdentityError, ImageSpec, Student, Teacher
 from promptkd.models.clip import CLIP, CLIPConfig, random_clip, tiny_clip, tiny_clip_config, tiny_clip_state_dict
+from promptkd.models.clip_archs import ArchLike
 from promptkd.models.projector import PROJECTORS, build_projector
 from promptkd.models.prompts import PromptConfig, TextPrompts, VisionPrompts, check_depth
 
@@ -236,7 +237,7 @@ def image_only(clip: CLIP) -> CLIP:
 
 def load_clip_teacher(path: str | Path, prompts: PromptConfig | dict | None = None, trust_checkpoint: bool = False,
                       device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                      tokenizer=None, prompt_seed: int | None = None, arch=None) -> ClipTeacher:
+                      tokenizer=None, prompt_seed: int | None = None, arch: ArchLike | None = None) -> ClipTeacher:
     """A teacher from a CLIP checkpoint (any format :func:`promptkd.models.weights.load_clip` reads).
 
     ``arch``: what the file cannot say (a known name such as ``ViT-H-14``, an open_clip config); the
@@ -251,7 +252,7 @@ def load_clip_teacher(path: str | Path, prompts: PromptConfig | dict | None = No
 def load_clip_student(path: str | Path, teacher_dim: int, prompts: PromptConfig | dict | None = None,
                       projector: str = "mlp", trust_checkpoint: bool = False,
                       device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                      prompt_seed: int | None = None, arch=None) -> ClipStudent:
+                      prompt_seed: int | None = None, arch: ArchLike | None = None) -> ClipStudent:
     """A student from a CLIP checkpoint; only the image tower is kept (``arch`` as for the teacher)."""
     from promptkd.models.weights import load_clip
 

@@ -62,6 +62,7 @@ from promptkd.models.clip_archs import (
     OPEN_CLIP_CONFIG,
     OPEN_CLIP_WEIGHTS,
     ArchInfo,
+    ArchLike,
     arch_info,
     known_heads,
     read_open_clip_config,
@@ -249,7 +250,8 @@ def resolve_config(shapes: CLIPConfig, sources: list[ArchInfo], source: str, *, 
 
 
 def infer_config(state: dict[str, Tensor], source: str = "<state dict>", act: str | None = None,
-                 hf_config: dict | None = None, arch=None, openai_rule: bool = False) -> CLIPConfig:
+                 hf_config: dict | None = None, arch: ArchLike | None = None,
+                 openai_rule: bool = False) -> CLIPConfig:
     """The CLIP architecture of an OpenAI-named state dict (see :func:`resolve_config`)."""
     shapes = _tensor_shapes(state, source)
     sources = [arch_info(arch)] if arch is not None else []
@@ -276,7 +278,7 @@ def _open_clip_folder_weights(folder: Path) -> Path | None:
 
 
 def read_clip_checkpoint(path: str | Path, trust_checkpoint: bool = False, act: str | None = None,
-                         arch=None, image_only: bool = False) -> ClipCheckpoint:
+                         arch: ArchLike | None = None, image_only: bool = False) -> ClipCheckpoint:
     """Read any supported CLIP checkpoint into OpenAI names and infer its architecture.
 
     ``arch``: a known name, an open_clip config (file or dict) or a :class:`CLIPConfig` (see
@@ -346,7 +348,7 @@ def check_state_dict(model: CLIP, state: dict[str, Tensor], source: str) -> None
 
 def load_clip(path: str | Path, trust_checkpoint: bool = False, device: str | torch.device | None = None,
               dtype: torch.dtype | None = None, image_only: bool = False, act: str | None = None,
-              with_info: bool = False, arch=None) -> CLIP | LoadedClip:
+              with_info: bool = False, arch: ArchLike | None = None) -> CLIP | LoadedClip:
     """Build our CLIP from a checkpoint and load it strictly (float32 unless ``dtype``), in eval mode.
 
     ``image_only`` drops the text tower (students). ``arch`` says what the file cannot (see
@@ -388,7 +390,8 @@ def save_clip(model_or_state: CLIP | dict[str, Tensor], path: str | Path, config
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, trust_checkpoint: bool = False,
-                       dtype: torch.dtype | None = None, act: str | None = None, arch=None) -> ClipCheckpoint:
+                       dtype: torch.dtype | None = None, act: str | None = None,
+                       arch: ArchLike | None = None) -> ClipCheckpoint:
     """Any readable CLIP checkpoint -> one safetensors file in OpenAI names (dtype kept unless given),
     with the resolved architecture (heads, activation, normalisation) in its metadata."""
     dst = Path(dst)
