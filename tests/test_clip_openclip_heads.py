@@ -358,3 +358,20 @@ def test_train_teacher_and_distill_load_an_open_clip_model(tmp_path_factory):
     shutil.copy(root / "ViT-tiny-hw80" / MODELS[name]["file"], bare)
     assert main(["train-teacher", "--data-root", data, "--dataset", "Caltech101", "--clip-weights", str(bare),
                  "--out", str(root / "teacher_bare"), *fast]) == 2
+    # ... and --arch (train-teacher, evaluate) / --student-arch (distill) make the bare file load right
+    arch = root / "hw80_config.json"
+    arch.write_text(json.dumps(open_clip_config(name)))
+    assert main(["train-teacher", "--data-root", data, "--dataset", "Caltech101", "--clip-weights", str(bare),
+                 "--arch", str(arch), "--out", str(root / "teacher_bare"), "--seed", "1", *fast,
+                 "--set", "data.shots=2", "--set", "teacher.text_depth=1", "--set", "teacher.vision_depth=1",
+                 "--set", "method.templates=single", "--set", "method.gpa_mean=1"]) == 0
+    assert_matches(our_features(load_teacher(root / "teacher_bare")[0].clip, images, tokens), ref, "--arch teacher")
+    assert main(["distill", "--config", "distill/base2novel/caltech101", "--data-root", data,
+                 "--teacher", str(root / "teacher"), "--class-vectors", str(root / "cv.safetensors"),
+                 "--student-weights", str(bare), "--student-arch", str(arch), "--out", str(root / "student_bare"),
+                 "--seed", "1", *fast, "--set", "student.depth=1"]) == 0
+    assert_matches(our_features(load_student(root / "student_bare").student.clip, images, tokens), ref,
+                   "--student-arch student")
+    assert main(["evaluate", "--model", "zeroshot", "--clip-weights", str(bare), "--arch", str(arch), "--data-root",
+                 data, "--dataset", "Caltech101", "--protocol", "base2novel", "--out", str(root / "eval_bare"),
+                 "--device", "cpu", "--workers", "0"]) == 0
