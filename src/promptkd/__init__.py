@@ -25,14 +25,15 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _API: dict[str, str] = {
     # whole stages (what the CLI runs)
-    "train_teacher": "promptkd.stages",
-    "build_class_vectors": "promptkd.stages",
-    "distill": "promptkd.stages",
-    "evaluate_model": "promptkd.stages",
-    "TeacherConfig": "promptkd.stages",
-    "ClassVectorsConfig": "promptkd.stages",
-    "DistillConfig": "promptkd.stages",
-    "EvaluateConfig": "promptkd.stages",
+    "train_teacher": "promptkd.stages.teacher",
+    "build_class_vectors": "promptkd.stages.class_vectors",
+    "distill": "promptkd.stages.distillation",
+    "evaluate_model": "promptkd.stages.evaluation",
+    "TeacherConfig": "promptkd.stages.teacher",
+    "ClassVectorsConfig": "promptkd.stages.class_vectors",
+    "DistillConfig": "promptkd.stages.distillation",
+    "EvaluateConfig": "promptkd.stages.evaluation",
+    "register_student": "promptkd.models.students",
     # models
     "load_clip": "promptkd.models.weights",
     "save_clip": "promptkd.models.weights",
