@@ -321,7 +321,8 @@ def check_torchrun(device: torch.device, deadline: float) -> None:
         artefact = (Path(tmp) / "student" / "adapter.safetensors").is_file()
         ok = proc.returncode == 0 and artefact and info.get("all_reduce") == 1.0
         detail = (f"{info.get('backend')} world {info.get('world_size')}, all-reduce {info.get('all_reduce')}, "
-                  f"exit {proc.returncode}, artefact {'written' if artefact else 'MISSING'}, {time.time() - start:.0f} s")
+                  f"exit {proc.returncode}, artefact {'written' if artefact else 'MISSING'}, "
+                  f"{time.time() - start:.0f} s")
         row("torchrun", "1-process distill (CLI, fixture, tiny CLIP)", detail, "", ok)
         if not ok:
             print(proc.stderr[-3000:], file=sys.stderr)

@@ -209,7 +209,8 @@ def test_paper_selection_and_a_k_view_run_need_no_teacher(world, tmp_path):
     from promptkd.methods.promptkd import base_accuracy_selector
 
     module = cached_module(w, k1, selection="paper", select_fn=base_accuracy_selector(labelled, num_classes=2))
-    cfg = LoopConfig(epochs=2, batch_size=4, lr=0.05, warmup_epochs=0, num_workers=0, seed=SEED, precision="fp32")
+    # two DataLoader workers: each opens the cache's memory maps itself
+    cfg = LoopConfig(epochs=2, batch_size=4, lr=0.05, warmup_epochs=0, num_workers=2, seed=SEED, precision="fp32")
     out = fit(module, tc.CachedTeacherImages(w["train"], k1), cfg, tmp_path / "run")
     assert out["completed"] and len(out["history"]) == 2 and "select_score" in out["history"][0]
     with pytest.raises(ValueError, match="teacher_logit_scale"):
@@ -276,6 +277,7 @@ def test_teacher_checksum_from_the_artefact_alone_equals_the_loaded_teachers(wor
     loaded, _ = load_teacher(tmp_path / "teacher")
     from_files = tc.teacher_checksum_of_artefact(tmp_path / "teacher")
     assert from_files == tc.teacher_checksum_of(loaded) == tc.teacher_checksum_of(teacher)
+    assert tc.teacher_checksum_for(tmp_path / "teacher") == from_files
     assert from_files != tc.teacher_checksum_of(TinyTeacher())
 
 

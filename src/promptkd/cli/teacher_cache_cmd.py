@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run the frozen prompted teacher's image tower over the augmented views a `promptkd distill` "
                     "run with the same config and seed will draw, and store the normalised features (memory-mapped "
                     "shards, resumable), so that distillation can run without the teacher.")
-    p.add_argument("--config", required=True, help="the distill config (YAML file or preset, e.g. distill/base2novel/dtd)")
+    p.add_argument("--config", required=True,
+                   help="the distill config (YAML file or preset, e.g. distill/base2novel/dtd)")
     p.add_argument("--data-root", help="data root in CoOp's layout (as for distill)")
     p.add_argument("--dataset", help="sets data.dataset (the config's dataset otherwise): " + DATASET_HELP)
     p.add_argument("--teacher", required=True, help="teacher artefact folder (or an authors' Dassl checkpoint "
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     cache = build_teacher_cache(
         teacher, train_set, args.out, epochs=int(train["epochs"]), views=views, dtype=args.dtype,
         identity={"class_vectors": store.fingerprint(), "dataset": info["name"]}, heldout=heldout,
-        batch_size=args.batch_size or int(train["batch_size"]), device=args.device or train["device"], precision=args.precision or train["precision"],
+        batch_size=args.batch_size or int(train["batch_size"]), device=args.device or train["device"],
+        precision=args.precision or train["precision"],
         num_workers=train["num_workers"] if args.workers is None else args.workers, shard_size=args.shard_size,
         resume=args.resume)
     size = sum(p.stat().st_size for p in Path(args.out).iterdir() if p.is_file())

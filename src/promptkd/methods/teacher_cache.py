@@ -128,6 +128,21 @@ def teacher_checksum_of_artefact(path: str | os.PathLike) -> str:
     return teacher_checksum(meta["backbone"], load_file(str(tensors)))
 
 
+def teacher_checksum_for(path: str | os.PathLike, weights: str | os.PathLike | None = None,
+                         trust_checkpoint: bool = False) -> str:
+    """The checksum of the teacher ``distill --teacher PATH`` names: from the artefact's files alone, or,
+    for an authors' Dassl checkpoint (no artefact), by loading it with its CLIP ``weights``."""
+    from promptkd import artifacts
+
+    folder = Path(path)
+    if (folder / artifacts.META).is_file() or folder.name in (artifacts.META, artifacts.TENSORS):
+        return teacher_checksum_of_artefact(folder)
+    from promptkd.methods.teacher_io import load_teacher
+
+    teacher, _ = load_teacher(folder, weights=weights, trust_checkpoint=trust_checkpoint)
+    return teacher_checksum_of(teacher)
+
+
 def _views_value(views: str | int, epochs: int) -> str | int:
     if views == "epochs":
         return "epochs"
@@ -413,17 +428,28 @@ def _features(teacher, images: Tensor, device: torch.device, precision: str) -> 
     return F.normalize(raw.float(), dim=-1)
 
 
-def _shard_batches(pending: list[tuple[int, int]], n: int, shard_size: int, batch_size: int
-                   ) -> Iterator[list[tuple[int, int]]]:
-    """Batches of ``(epoch, index)`` keys, shard by shard; a batch never spans two shards, so a resumed
-    build computes every shard from the same batches as an uninterrupted one. A short last batch is
-    padded (its first key repeated) to ``batch_size``: the rows of a batched forward may round
-    differently with the batch's size, and the run's batches all have ``batch_size`` images."""
-    for view, shard in pending:
-        lo, hi = shard * shard_size, min(n, (shard + 1) * shard_size)
-        for start in range(lo, hi, batch_size):
-            keys = [(view, i) for i in range(start, min(hi, start + batch_size))]
-            yield keys + [keys[0]] * (batch_size - len(keys))
+class _ShardBatches:
+    """Batches of ``(epoch, index)`` keys, shard by shard, made lazily (ImageNet x 20 views is 25 M keys);
+    a batch never spans two shards, so a resumed build computes every shard from the same batches as an
+    uninterrupted one. A short last batch is padded (its first key repeated) to ``batch_size``: the rows
+    of a batched forward may round differently with the batch's size, and the run's batches all have
+    ``batch_size`` images."""
+
+    def __init__(self, pending: list[tuple[int, int]], n: int, shard_size: int, batch_size: int):
+        self.pending, self.n, self.shard_size, self.batch_size = pending, n, shard_size, batch_size
+
+    def _bounds(self, shard: int) -> tuple[int, int]:
+        return shard * self.shard_size, min(self.n, (shard + 1) * self.shard_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for view, shard in self.pending:
+            lo, hi = self._bounds(shard)
+            for start in range(lo, hi, self.batch_size):
+                keys = [(view, i) for i in range(start, min(hi, start + self.batch_size))]
+                yield keys + [keys[0]] * (self.batch_size - len(keys))
+
+    def __len__(self) -> int:
+        return sum(math.ceil((hi - lo) / self.batch_size) for lo, hi in (self._bounds(s) for _, s in self.pending))
 
 
 def _build_heldout(teacher, heldout: UnlabelledImages, out: Path, dim: int, device: torch.device,
@@ -455,8 +481,9 @@ def build_teacher_cache(teacher, dataset: UnlabelledImages, out_dir: str | os.Pa
     ``train.precision`` (autocast of the teacher forward) and ``batch_size`` = the run's per-process
     ``train.batch_size`` (a batched forward's rows may round differently with the batch size; a larger
     build batch is faster and moves logits by about one float32 ulp). ``heldout_batch_size``: the
-    agreement selector's loader batch (64 in distill). ``resume``: continue an interrupted build in ``out_dir`` (same identity
-    and layout required); otherwise ``out_dir`` must not hold a cache. Returns the opened cache."""
+    agreement selector's loader batch (64 in distill). ``resume``: continue an interrupted build in
+    ``out_dir`` (same identity and layout required); otherwise ``out_dir`` must not hold a cache.
+    Returns the opened cache."""
     from promptkd.engine.loop import PRECISIONS, resolve_device
 
     if not isinstance(dataset, UnlabelledImages):
@@ -487,7 +514,8 @@ def build_teacher_cache(teacher, dataset: UnlabelledImages, out_dir: str | os.Pa
     n = len(dataset)
     if n == 0:
         raise ValueError("the unlabelled stream is empty: nothing to cache")
-    dim = int(getattr(teacher, "embed_dim", 0)) or int(_features(teacher, dataset[(0, 0)]["image"][None], dev, "fp32").shape[-1])
+    dim = int(getattr(teacher, "embed_dim", 0)) or \
+        int(_features(teacher, dataset[(0, 0)]["image"][None], dev, "fp32").shape[-1])
     layout = _layout(n, n_views, dim, int(shard_size), float(teacher.logit_scale()),
                      len(heldout) if heldout is not None else 0, precision)
 
@@ -495,7 +523,8 @@ def build_teacher_cache(teacher, dataset: UnlabelledImages, out_dir: str | os.Pa
     manifest = {"format": FORMAT, "identity": full, "layout": layout, "complete": False}
     if (out / MANIFEST).is_file():
         if not resume:
-            raise ValueError(f"{out}: holds a teacher cache already; pass --resume to finish it or choose another --out")
+            raise ValueError(f"{out}: holds a teacher cache already; pass --resume to finish (or reuse) it, "
+                             "or choose another --out")
         old = read_manifest(out)
         differ = identity_differences(old["identity"], full) + [
             f"{k} (cache {old['layout'].get(k)!r}, now {v!r})" for k, v in layout.items() if old["layout"].get(k) != v]
@@ -521,7 +550,7 @@ def build_teacher_cache(teacher, dataset: UnlabelledImages, out_dir: str | os.Pa
     total = n * n_views
     bar = _Progress(total, total - sum(rows[s] for _, s in pending), progress)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=list(_shard_batches(pending, n, shard_size, batch_size)), num_workers=num_workers,
+        dataset, batch_sampler=_ShardBatches(pending, n, shard_size, batch_size), num_workers=num_workers,
         pin_memory=dev.type == "cuda", persistent_workers=False)
     batches = iter(loader)
     try:
