@@ -2,12 +2,8 @@
 
 The teacher goes through a real artefact, the student through a real CLIP weights file (as in
 tests/test_distill_cli.py). ``distill_from_cache`` below is the integration the distill stage makes for
-``--teacher-cache PATH`` (the teacher is never loaded); its student must equal the one distill's own
-orchestration (``distill_cmd.build_data`` + ``distill_cmd.distill``, the online teacher) trains.
-
-Both seed torch before building the student: the projector's initialisation draws from the global RNG,
-which loading a teacher also draws from (module constructors), so without the seed a run that does not
-load the teacher would start from another projector.
+``--teacher-cache PATH`` (the teacher is never loaded), built from ``promptkd.stages.distillation``'s
+own pieces; its student must equal the one `promptkd distill` trains with the online teacher.
 """
 
 import json
@@ -21,7 +17,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from promptkd import artifacts  # noqa: E402
-from promptkd.cli import distill_cmd, main, teacher_cache_cmd  # noqa: E402
+from promptkd.cli import main, teacher_cache_cmd  # noqa: E402
 from promptkd.data.fixtures import make_fixture, make_unlabelled_folder  # noqa: E402
 from promptkd.data.loader import make_loader  # noqa: E402
 from promptkd.engine.loop import LoopConfig, fit  # noqa: E402
@@ -30,6 +26,7 @@ from promptkd.methods.promptkd import DistillModule, agreement_selector  # noqa:
 from promptkd.models.backbones import ImageSpec  # noqa: E402
 from promptkd.models.clip import tiny_clip  # noqa: E402
 from promptkd.models.weights import save_clip  # noqa: E402
+from promptkd.stages import distillation as stage  # noqa: E402
 from promptkd.store import ClassVectorStore, build_store  # noqa: E402
 from test_distill_module import IMAGE, TinyTeacher  # noqa: E402
 
@@ -54,40 +51,28 @@ def setup(tmp_path):
 
 
 def distill_from_cache(cache_dir, teacher_dir, cv_path, student_weights, data_root, overrides, seed, out):
-    """What the distill stage does with --teacher-cache: the stream, the expected identity, the cache,
-    a DistillModule without teacher, agreement from the cached held-out features, engine.loop.fit."""
-    cfg = distill_cmd.resolve_config("distill/base2novel/dtd", overrides, seed)
+    """What the distill stage does with --teacher-cache: settings and stream as for an online run, the
+    expected identity, the cache, a DistillModule without teacher, agreement from the cached held-out
+    features, engine.loop.fit on the cached stream."""
+    settings = stage.distill_settings("distill/base2novel/dtd", [*overrides, f"train.seed={seed}"])
     store = ClassVectorStore.load(cv_path)
-    spec = ImageSpec(size=IMAGE)
-    train_set, heldout, _ = teacher_cache_cmd.build_stream(cfg, data_root, store, spec)
+    torch.manual_seed(seed)  # the projector's initialisation, as the stage seeds it
+    student = stage.build_student(settings["student"], student_weights, store.dim, seed=seed)
+    train_set, heldout, _ = teacher_cache_cmd.build_stream(settings, data_root, store, student.image_spec)
     expected = tc.cache_identity(
-        teacher=tc.teacher_checksum_of_artefact(teacher_dir), class_vectors=store.fingerprint(),
-        dataset=tc.stream_name(cfg), train_set=train_set, heldout_set=heldout, epochs=cfg["train"]["epochs"],
-        views=None, dtype=None)
+        teacher=tc.teacher_checksum_for(teacher_dir), class_vectors=store.fingerprint(),
+        dataset=tc.stream_name(settings), train_set=train_set, heldout_set=heldout,
+        epochs=settings["train"]["epochs"], views=None, dtype=None)
     cache = tc.open_teacher_cache(cache_dir, expected)
-    torch.manual_seed(seed)
-    student = distill_cmd.build_student(cfg["student"], student_weights, store.dim, False, seed=seed)
-    m = cfg["method"]
+    m = settings["method"]
     select_fn = None
     if m["selection"] == "agreement":
         select_fn = agreement_selector(make_loader(heldout, 64), teacher_features=cache.heldout_features())
-    module = DistillModule(None, student, store, temperature=float(m["temperature"]), kd_weight=float(m["kd_weight"]),
+    module = DistillModule(None, student, store, temperature=m["temperature"], kd_weight=m["kd_weight"],
                            weighting=m["weighting"], selection=m["selection"], select_fn=select_fn,
+                           selection_label=stage.selection_label(m["selection"], settings["protocol"]),
                            teacher_logit_scale=cache.logit_scale)
-    result = fit(module, tc.CachedTeacherImages(train_set, cache), LoopConfig.from_dict(cfg["train"]), out)
-    return student, result
-
-
-def distill_online(teacher_dir, cv_path, student_weights, data_root, overrides, seed, out):
-    """distill's orchestration with the teacher loaded (distill_cmd.run minus argument parsing)."""
-    cfg = distill_cmd.resolve_config("distill/base2novel/dtd", overrides, seed)
-    store = ClassVectorStore.load(cv_path)
-    teacher, _ = distill_cmd.load_teacher(str(teacher_dir), None, False)
-    torch.manual_seed(seed)
-    student = distill_cmd.build_student(cfg["student"], student_weights, store.dim, False, seed=seed)
-    train_set, select_fn, _ = distill_cmd.build_data(cfg, data_root, store, student.image_spec)
-    result = distill_cmd.distill(cfg, teacher, student, store, train_set, select_fn, Path(out), resume=False,
-                                 run_info={})
+    result = fit(module, tc.CachedTeacherImages(train_set, cache), LoopConfig(**settings["train"]), out)
     return student, result
 
 
@@ -104,17 +89,21 @@ def test_cache_from_the_cli_trains_the_same_student_as_promptkd_distill(setup, c
     assert manifest["identity"]["dataset"] == "dtd transductive" and manifest["identity"]["views"] == "epochs"
 
     overrides = [*RUN[1::2], *agreement[1::2]]  # the --set values
+    online = tmp_path / "online"
+    assert main(["distill", *common, *agreement, "--seed", "2", "--student-weights",
+                 str(tmp_path / "student_clip.safetensors"), "--out", str(online)]) == 0
     paths = (tmp_path / "teacher", tmp_path / "cv.safetensors", str(tmp_path / "student_clip.safetensors"),
              str(tmp_path / "data"), overrides, 2)
-    online_student, online = distill_online(*paths, tmp_path / "online")
     student, result = distill_from_cache(cache_dir, *paths, tmp_path / "cached")
-    assert result["completed"] and online["completed"]
-    saved = load_file(str(tmp_path / "online" / artifacts.TENSORS))  # distill's artefact (selected epoch)
+    assert result["completed"]
+    saved = load_file(str(online / artifacts.TENSORS))  # distill's artefact (the selected epoch)
     got = student.adapter_state_dict()
     assert saved.keys() == got.keys()
     assert max(float((saved[k].float() - got[k].float()).abs().max()) for k in saved) <= 1e-5  # measured: 0
-    assert [r["select_score"] for r in result["history"]] == [r["select_score"] for r in online["history"]]
-    assert [r["loss"] for r in result["history"]] == pytest.approx([r["loss"] for r in online["history"]], rel=1e-6)
+    epochs = [json.loads(line) for line in (online / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["type"] == "epoch"]
+    assert [r["select_score"] for r in result["history"]] == [r["select_score"] for r in epochs]
+    assert [r["loss"] for r in result["history"]] == pytest.approx([r["loss"] for r in epochs], rel=1e-6)
 
     # the same cache refuses a run with another seed (images, seed) or stream (dataset), naming the field
     with pytest.raises(ValueError, match=r"built for another run: .*seed \(cache 2, run 3\)"):
@@ -133,9 +122,10 @@ def test_folder_and_inductive_streams_k_views_and_resume_from_the_cli(setup, cap
     folder = ["--set", "data.unlabelled=folder", "--set", f"data.folder={tmp_path / 'mine'}"]
     out = tmp_path / "folder_cache"
     assert main(["teacher-cache", *common, *folder, "--views", "1", "--out", str(out)]) == 0
-    cfg = distill_cmd.resolve_config("distill/base2novel/dtd", [*RUN[1::2], *folder[1::2]], 1)
+    settings = stage.distill_settings("distill/base2novel/dtd", [*RUN[1::2], *folder[1::2], "train.seed=1"])
     store = ClassVectorStore.load(tmp_path / "cv.safetensors")
-    train_set, heldout, info = teacher_cache_cmd.build_stream(cfg, str(tmp_path / "data"), store, ImageSpec(size=IMAGE))
+    train_set, heldout, info = teacher_cache_cmd.build_stream(settings, str(tmp_path / "data"), store,
+                                                              ImageSpec(size=IMAGE))
     assert info["name"] == "folder" and heldout is None and len(train_set) == 7
     expected = tc.cache_identity(teacher=tc.teacher_checksum_of_artefact(tmp_path / "teacher"),
                                  class_vectors=store.fingerprint(), dataset="folder", train_set=train_set, epochs=2,

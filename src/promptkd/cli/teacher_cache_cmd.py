@@ -14,8 +14,6 @@ features of the augmented view of each epoch (``--views epochs``, exact) or of t
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -60,46 +58,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def build_stream(cfg: dict, data_root: str | None, store, image_spec):
-    """``(train_set, heldout_set or None, info)``: the unlabelled stream a distill run with ``cfg`` trains
-    on, the held-out images of ``selection=agreement`` (test preprocessing), and ``info["name"]``.
-
-    TODO(lead): point this at the distill stage's stream builder in ``promptkd.stages`` once it exposes
-    the held-out set; this reuses ``cli.distill_cmd.build_data`` (read-only) with selection "last" and
-    repeats its hold-out split. A drift between the two is caught: the cache's image-list hash would
-    not match the run's, and the run refuses the cache."""
-    from promptkd.cli.distill_cmd import build_data, split_holdout
+def build_stream(settings: dict, data_root: str | None, store, image_spec):
+    """``(train_set, heldout_set or None, info)``: the unlabelled stream a distill run with ``settings``
+    trains on (``promptkd.stages.distillation``'s own plan and training set), the held-out images of
+    ``selection=agreement`` as its selector reads them (test preprocessing), and ``info["name"]``."""
     from promptkd.data.loader import UnlabelledImages
     from promptkd.data.transforms import Preprocess
     from promptkd.methods.teacher_cache import stream_name
+    from promptkd.stages.distillation import build_training_data, plan_data
 
-    plain = copy.deepcopy(cfg)
-    plain["method"]["selection"] = "last"  # the whole stream; the base test set is not needed here
-    train_set, _, info = build_data(plain, data_root, store, image_spec)
+    plan = plan_data(settings, data_root, store)
+    train_set, _, info = build_training_data(settings, data_root, store, image_spec, plan)
     heldout = None
-    data = cfg["data"]
-    if cfg["method"]["selection"] == "agreement":
-        paths, held = split_holdout(train_set.paths, float(data["holdout"]), int(cfg["train"]["seed"]))
-        train_set = UnlabelledImages(paths, train_set.transform, seed=train_set.seed,
-                                     on_bad_image=data["on_bad_image"])
-        heldout = UnlabelledImages(held, Preprocess.from_spec(image_spec), on_bad_image=data["on_bad_image"])
-        info = {**info, "images": len(paths), "held_out": len(held)}
-    return train_set, heldout, {**info, "name": stream_name(cfg)}
+    if plan.held_out:
+        data = settings["data"]
+        heldout = UnlabelledImages(plan.held_out, Preprocess.from_spec(image_spec), on_bad_image=data["on_bad_image"],
+                                   max_image_pixels=data["max_image_pixels"])
+    return train_set, heldout, {**info, "name": stream_name(settings), "notes": plan.notes}
 
 
 def run(args: argparse.Namespace) -> int:
-    from promptkd.cli.distill_cmd import check_store_matches_teacher, load_teacher, resolve_config
     from promptkd.methods.teacher_cache import build_teacher_cache
+    from promptkd.methods.teacher_io import load_teacher
+    from promptkd.stages.distillation import check_store_matches_teacher, distill_settings
     from promptkd.store import ClassVectorStore
 
-    dataset = [f"data.dataset={json.dumps(args.dataset)}"] if args.dataset else []
-    cfg = resolve_config(args.config, [*dataset, *args.overrides], args.seed)
-    train = cfg["train"]
+    dataset = [f"data.dataset={args.dataset}"] if args.dataset else []
+    settings = distill_settings(args.config, [*dataset, *args.overrides, f"train.seed={args.seed}"])
+    train = settings["train"]
     views = args.views if args.views == "epochs" else _positive_int(args.views, "--views")
     store = ClassVectorStore.load(args.class_vectors)
     teacher, _ = load_teacher(args.teacher, args.teacher_weights, args.trust_checkpoint)
     check_store_matches_teacher(store, teacher, str(args.class_vectors))
-    train_set, heldout, info = build_stream(cfg, args.data_root, store, teacher.image_spec)
+    train_set, heldout, info = build_stream(settings, args.data_root, store, teacher.image_spec)
+    for note in info["notes"]:
+        print(f"teacher-cache: note: {note}", file=sys.stderr)
     n_views = int(train["epochs"]) if views == "epochs" else views
     print(f"teacher-cache: {info['source']}: {len(train_set)} images x {n_views} view(s)"
           f"{f' + {len(heldout)} held out' if heldout is not None else ''}, {args.dtype} -> {args.out}",
