@@ -478,13 +478,13 @@ def build_teacher_cache(teacher, dataset: UnlabelledImages, out_dir: str | os.Pa
     ``identity``: ``{"class_vectors": store.fingerprint(), "dataset": name}`` (+ optionally
     ``"teacher"``, checked against the teacher given); the rest is derived here (:func:`cache_identity`).
     Bit-equal teacher logits (an exact fp32 cache) need the run's arithmetic: ``precision`` = the run's
-    ``train.precision`` (autocast of the teacher forward) and ``batch_size`` = the run's per-process
+    ``train.precision`` (autocast of the teacher forward; fp16 on a CPU runs fp32, as in the loop) and ``batch_size`` = the run's per-process
     ``train.batch_size`` (a batched forward's rows may round differently with the batch size; a larger
     build batch is faster and moves logits by about one float32 ulp). ``heldout_batch_size``: the
     agreement selector's loader batch (64 in distill). ``resume``: continue an interrupted build in
     ``out_dir`` (same identity and layout required); otherwise ``out_dir`` must not hold a cache.
     Returns the opened cache."""
-    from promptkd.engine.loop import PRECISIONS, resolve_device
+    from promptkd.engine.loop import PRECISIONS, effective_precision, resolve_device
 
     if not isinstance(dataset, UnlabelledImages):
         raise TypeError(f"build_teacher_cache takes the UnlabelledImages stream distill trains on, got "
@@ -509,6 +509,7 @@ def build_teacher_cache(teacher, dataset: UnlabelledImages, out_dir: str | os.Pa
     n_views = int(epochs) if full["views"] == "epochs" else int(full["views"])
     np_dtype = np.dtype(DTYPES[full["dtype"]])
     dev = resolve_device(str(device))
+    precision = effective_precision(precision, dev)  # as the loop runs it (a CPU runs fp16 settings in fp32)
     was_training = teacher.training
     teacher.to(dev).eval()
     n = len(dataset)
