@@ -151,11 +151,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_images(Path(tmp), args.build_images)
         stream = UnlabelledImages(paths, TrainAugment(224), seed=1)
-        start = time.perf_counter()
-        build_teacher_cache(teacher, stream, Path(tmp) / "cache", epochs=1, dtype="fp16",
-                            identity={"class_vectors": store.fingerprint(), "dataset": "bench"},
-                            batch_size=args.batch, progress=False)
-        build_s = time.perf_counter() - start
+        with Clock() as build:
+            build_teacher_cache(teacher, stream, Path(tmp) / "cache", epochs=1, dtype="fp16",
+                                identity={"class_vectors": store.fingerprint(), "dataset": "bench"},
+                                batch_size=args.batch, progress=False)
+        build_s, build_cpu = build.wall, build.cpu
         shards = [p for p in (Path(tmp) / "cache").iterdir() if p.name.startswith("v")]
         shard_bytes = sum(p.stat().st_size for p in shards)
     bytes_per_view = shard_bytes / args.build_images
@@ -164,16 +164,22 @@ def main() -> None:
     teacher_rate = args.batch / step["teacher_forward"]
     online_rate, cached_rate = args.batch / step["online"], args.batch / step["cached"]
 
+    # CPU seconds per image (per view for the build): the machine-independent-ish unit of the derived figures
+    per_image = {"online": step_cpu["online"] / args.batch, "cached": step_cpu["cached"] / args.batch,
+                 "build": build_cpu / args.build_images}
+    training = IMAGENET_IMAGES * IMAGENET_EPOCHS
+    online_h = training * per_image["online"] / 3600
+    cached_h = training * per_image["cached"] / 3600
     imagenet = {}
     for views in (IMAGENET_EPOCHS, 4):
         stored = IMAGENET_IMAGES * views
+        build_h = stored * per_image["build"] / 3600
         imagenet[f"views={views}"] = {
             "stored_views": stored, "bytes": stored * row_bytes, "GiB": stored * row_bytes / 2**30,
             "teacher_forwards": stored, "share_of_online_teacher_work": views / IMAGENET_EPOCHS,
-            "build_hours_here": stored / build_rate / 3600}
-    training = IMAGENET_IMAGES * IMAGENET_EPOCHS
-    derived = {"online_training_hours_here": training / online_rate / 3600,
-               "cached_training_hours_here": training / cached_rate / 3600}
+            "build_cpu_hours": build_h, "first_run_cpu_hours": build_h + cached_h,
+            "first_run_vs_online": online_h / (build_h + cached_h), "further_run_vs_online": online_h / cached_h}
+    derived = {"online_run_cpu_hours": online_h, "cached_training_cpu_hours": cached_h}
     load = os.getloadavg()
     result = {"batch": args.batch, "classes": args.classes, "threads": torch.get_num_threads(),
               "step_s": step, "all_s": times, "step_cpu_s": step_cpu, "all_cpu_s": cpu,
@@ -181,7 +187,10 @@ def main() -> None:
               "speedup_cpu_time": step_cpu["online"] / step_cpu["cached"], "speedup_paired_wall": paired,
               "images_per_s": {"online": online_rate, "cached": cached_rate, "teacher_forward": teacher_rate,
                                "cache_build": build_rate},
-              "build_rate_vs_teacher_forward": build_rate / teacher_rate, "bytes_per_view_on_disk": bytes_per_view,
+              "build_rate_vs_teacher_forward": build_rate / teacher_rate,
+              "build_cpu_s_per_view": per_image["build"],
+              "teacher_forward_cpu_s_per_image": step_cpu["teacher_forward"] / args.batch,
+              "bytes_per_view_on_disk": bytes_per_view,
               "bytes_per_view_payload": row_bytes, "imagenet": imagenet, "imagenet_training": derived,
               "load_average": load, "argv": sys.argv}
 
@@ -196,15 +205,18 @@ def main() -> None:
     print(f"speed-up cached vs online: {result['speedup_cached_vs_online']:.2f}x (median wall), "
           f"{paired:.2f}x (median of the rounds' wall ratios), {result['speedup_cpu_time']:.2f}x (median CPU time)")
     print(f"cache build (decode + augment + teacher + fp16 + shard write, {args.build_images} images): "
-          f"{build_rate:.3f} views/s = {result['build_rate_vs_teacher_forward']:.2f} x the teacher forward's rate")
+          f"{build_rate:.3f} views/s = {result['build_rate_vs_teacher_forward']:.2f} x the teacher forward's wall rate; "
+          f"{per_image['build']:.2f} CPU s per view vs {step_cpu['teacher_forward'] / args.batch:.2f} CPU s per image "
+          f"for the teacher forward alone ({step_cpu['teacher_forward'] / args.batch / per_image['build']:.2f}x)")
     print(f"bytes per view: {row_bytes} payload (768 x fp16), {bytes_per_view:.1f} on disk in this small build "
           f"(one .npy header of 128 bytes per shard; 8192-image shards make it {row_bytes + 128 / 8192:.2f})")
-    print(f"ImageNet ({IMAGENET_IMAGES:,} images, {IMAGENET_EPOCHS} epochs), fp16:")
+    print(f"ImageNet ({IMAGENET_IMAGES:,} images, {IMAGENET_EPOCHS} epochs), fp16, in CPU hours at this machine's "
+          f"per-image costs: online run {online_h:,.0f}; training from a cache {cached_h:,.0f}")
     for key, v in imagenet.items():
         print(f"  {key:>9}: {v['stored_views']:,} views, {v['GiB']:.1f} GiB, {v['share_of_online_teacher_work']:.0%} "
-              f"of the online run's teacher forwards, build {v['build_hours_here']:,.0f} h at this machine's rate")
-    print(f"  training here: online {derived['online_training_hours_here']:,.0f} h vs cached "
-          f"{derived['cached_training_hours_here']:,.0f} h")
+              f"of the online run's teacher forwards; build {v['build_cpu_hours']:,.0f}; first run (build + "
+              f"training) {v['first_run_cpu_hours']:,.0f} = {v['first_run_vs_online']:.2f}x cheaper than online, "
+              f"every further run on the cache {v['further_run_vs_online']:.2f}x")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
