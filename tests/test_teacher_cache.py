@@ -201,14 +201,15 @@ def test_cached_distill_run_ends_with_the_online_student_also_through_resume_and
     assert _max_diff(final_online, final_cached) <= 1e-5  # (measured: 0, the same arithmetic throughout)
 
 
-def test_paper_selection_and_a_k_view_run_need_no_teacher(world, tmp_path):
+@pytest.mark.parametrize("selection", ["paper", "val"])
+def test_labelled_selection_rules_and_a_k_view_run_need_no_teacher(world, tmp_path, selection):
     w = world
     k1 = tc.build_teacher_cache(w["teacher"], w["train"], tmp_path / "k1", epochs=EPOCHS, views=1,
                                 identity=w["ident"], batch_size=8, progress=False)
     labelled = [{"image": torch.stack([w["held"][i]["image"] for i in range(4)]), "label": torch.tensor([0, 1, 0, 1])}]
-    from promptkd.methods.promptkd import base_accuracy_selector
+    from promptkd.methods.promptkd import labelled_accuracy_selector
 
-    module = cached_module(w, k1, selection="paper", select_fn=base_accuracy_selector(labelled, num_classes=2))
+    module = cached_module(w, k1, selection=selection, select_fn=labelled_accuracy_selector(labelled, rows=[0, 1]))
     # two DataLoader workers: each opens the cache's memory maps itself
     cfg = LoopConfig(epochs=2, batch_size=4, lr=0.05, warmup_epochs=0, num_workers=2, seed=SEED, precision="fp32")
     out = fit(module, tc.CachedTeacherImages(w["train"], k1), cfg, tmp_path / "run")
