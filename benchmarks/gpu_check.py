@@ -207,15 +207,17 @@ def check_distill(device: torch.device, tiny: bool, batches: list[int], classes:
                     matmul_fraction=tflops / matmul_tflops if matmul_tflops else None)
                 del module, student, one_step
                 reset_peak(device)
-    speedups = {}
+    pairs: dict[tuple[str, str], dict[str, dict]] = {}
     for r in ROWS:
         if r["section"] == "distill" and "images_per_s" in r:
             variant, precision, _, batch = r["setting"].split()
-            speedups.setdefault((precision, batch), {})[variant] = r["images_per_s"]
-    for (precision, batch), rates in speedups.items():
-        if len(rates) == 2:
-            row("distill", f"cached / online {precision} batch {batch}", f"{rates['cached'] / rates['online']:.2f}x",
-                "(FLOP ratio ~3.3x)")
+            pairs.setdefault((precision, batch), {})[variant] = r
+    for (precision, batch), both in pairs.items():
+        if len(both) == 2:
+            online, cached = both["online"], both["cached"]
+            row("distill", f"cached / online {precision} batch {batch}",
+                f"{cached['images_per_s'] / online['images_per_s']:.2f}x",
+                f"(FLOP ratio {online['flops_per_step'] / cached['flops_per_step']:.2f}x)")
 
 
 # --- 3. PromptSRC teacher step ---------------------------------------------------------------------------
