@@ -149,6 +149,8 @@ def test_k_view_cache_replays_the_first_k_epochs_views(world, tmp_path):
     k2 = tc.build_teacher_cache(w["teacher"], w["train"], tmp_path / "k2", epochs=EPOCHS, views=2, dtype="fp32",
                                 identity=w["ident"], batch_size=4, shard_size=6, progress=False)
     assert k2.views == 2 and [k2.view_for_epoch(e) for e in range(5)] == [0, 1, 0, 1, 0]
+    spec = tc.cache_image_spec(tmp_path / "k2")  # the teacher's spec, for a run that does not load it
+    assert (spec.size, spec.mean, spec.std) == (IMAGE, w["teacher"].image_spec.mean, w["teacher"].image_spec.std)
     for view in range(2):  # the K views are the exact cache's first K views, bit for bit
         for shard in range(k2.num_shards):
             name = tc.shard_name(view, shard)

@@ -57,7 +57,8 @@ def distill_from_cache(cache_dir, teacher_dir, cv_path, student_weights, data_ro
     settings = stage.distill_settings("distill/base2novel/dtd", [*overrides, f"train.seed={seed}"])
     store = ClassVectorStore.load(cv_path)
     torch.manual_seed(seed)  # the projector's initialisation, as the stage seeds it
-    student = stage.build_student(settings["student"], student_weights, store.dim, seed=seed)
+    student = stage.build_student(settings["student"], student_weights, store.dim, tc.cache_image_spec(cache_dir),
+                                  seed=seed)
     train_set, heldout, _ = teacher_cache_cmd.build_stream(settings, data_root, store, student.image_spec)
     expected = tc.cache_identity(
         teacher=tc.teacher_checksum_for(teacher_dir), class_vectors=store.fingerprint(),

@@ -306,6 +306,23 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
+def cache_image_spec(path: str | os.PathLike):
+    """The image spec (size, mean, std, interpolation) of the teacher a cache was built for, read from its
+    manifest: what a run that does not load the teacher gives the student builder in place of
+    ``teacher.image_spec`` (the run's augmentation is then checked against the cache's identity)."""
+    from promptkd.models.backbones import ImageSpec
+
+    folder = Path(path)
+    if not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(f"{folder}: teacher cache not found (no {MANIFEST})")
+    aug = read_manifest(folder)["identity"]["augmentation"]
+    try:
+        return ImageSpec(size=int(aug["size"]), mean=tuple(aug["mean"]), std=tuple(aug["std"]),
+                         interpolation=str(aug.get("interpolation", "bicubic")))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{folder / MANIFEST}: no usable augmentation record ({exc})") from None
+
+
 def open_teacher_cache(path: str | os.PathLike, expected: dict | None = None) -> TeacherCache:
     """Open a complete cache; refuse it (ValueError naming the field) if its identity does not serve a
     run whose identity is ``expected`` (see :func:`cache_identity` and :func:`identity_differences`)."""
