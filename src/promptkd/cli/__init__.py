@@ -14,6 +14,7 @@ SUBCOMMAND_MODULES = [
     "teacher_cmd",
     "class_vectors_cmd",
     "distill_cmd",
+    "teacher_cache_cmd",
     "evaluate_cmd",
     "report_cmd",
     "predict_cmd",

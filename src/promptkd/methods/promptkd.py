@@ -17,8 +17,15 @@ and DTD). The effective weight of the per-image KL is therefore ``kd_weight / N`
 depends on the number of classes. ``weighting="batchmean"`` is the textbook form: the sum divided by B
 (times ``kd_weight``; use ``kd_weight=1`` for the plain KL).
 
-Only ``batch["image"]`` is ever read: the unlabelled stream has no label key, and a label present in a
-batch cannot change anything (tests permute labels to prove it).
+Only ``batch["image"]`` is ever read (and ``batch["teacher_features"]`` when a teacher cache supplies
+it): the unlabelled stream has no label key, and a label present in a batch cannot change anything
+(tests permute labels to prove it).
+
+Teacher cache (``promptkd.methods.teacher_cache``): when a batch carries ``"teacher_features"`` (the
+teacher's L2-normalised image features of exactly these augmented images, stored ahead of the run),
+the teacher logits are ``s_T * features @ W^T`` and the teacher does not run. The module can then be
+built without a teacher (``teacher=None``, ``teacher_logit_scale=cache.logit_scale``), and
+:func:`agreement_selector` takes the cached held-out features instead of running it.
 
 Model selection (which epoch's student is kept):
 
@@ -82,8 +89,12 @@ class DistillModule(nn.Module):
 
     def __init__(self, teacher, student, store, temperature: float = 1.0, kd_weight: float = 1000.0,
                  weighting: str = "authors", *, selection: str = "last",
-                 select_fn: Callable[[DistillModule], dict] | None = None, selection_label: str | None = None):
+                 select_fn: Callable[[DistillModule], dict] | None = None, selection_label: str | None = None,
+                 teacher_logit_scale: float | None = None):
         super().__init__()
+        if teacher is None and teacher_logit_scale is None:
+            raise ValueError("without a teacher (a run from a teacher cache) the teacher's logit scale is needed: "
+                             "pass teacher_logit_scale=cache.logit_scale")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if selection not in SELECTIONS:
@@ -96,8 +107,15 @@ class DistillModule(nn.Module):
                              f"{store.dim}: the projector must map into the teacher's space")
         if not student.trainable_parameters():
             raise ValueError("the student has no trainable parameters (prompt depth 0 and no projector?)")
-        self.teacher = teacher.requires_grad_(False).eval()
+        self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
         self.student = student
+        if teacher is not None and teacher_logit_scale is not None and \
+                float(teacher.logit_scale()) != float(teacher_logit_scale):
+            raise ValueError(f"teacher_logit_scale {teacher_logit_scale} is not the teacher's logit scale "
+                             f"{float(teacher.logit_scale())}: the cache comes from another teacher")
+        scale = float(teacher.logit_scale()) if teacher_logit_scale is None else float(teacher_logit_scale)
+        # s_T for cached features, as the float32 value the teacher's own logit_scale() returns
+        self.register_buffer("teacher_scale", torch.tensor(scale, dtype=torch.float32), persistent=False)
         self.class_names = list(store.class_names)
         self.store_fingerprint = store.fingerprint()
         # a fixed tensor: moves with the module, never recomputed, not part of the learnt state
@@ -115,7 +133,8 @@ class DistillModule(nn.Module):
 
     def train(self, mode: bool = True):  # type: ignore[override]
         super().train(mode)
-        self.teacher.eval()  # frozen: dropout off, statistics fixed, whatever the loop asks
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: dropout off, statistics fixed, whatever the loop asks
         return self
 
     # -- logits ---------------------------------------------------------------------------------------
@@ -126,14 +145,28 @@ class DistillModule(nn.Module):
 
     @torch.no_grad()
     def teacher_logits(self, images: Tensor, vectors: Tensor | None = None) -> Tensor:
+        if self.teacher is None:
+            raise ValueError("this DistillModule has no teacher (a teacher-cache run): batches must carry "
+                             "'teacher_features' (promptkd.methods.teacher_cache.CachedTeacherImages)")
         return self._head(self.teacher.encode_image(images, prompted=True), self.teacher.logit_scale(), vectors)
+
+    @torch.no_grad()
+    def cached_teacher_logits(self, features: Tensor, vectors: Tensor | None = None) -> Tensor:
+        """Teacher logits from cached, already normalised features: ``s_T * f @ W^T`` in float32 (the same
+        operations as :meth:`teacher_logits` after its normalisation, so an fp32 cache gives equal logits)."""
+        w = self.class_vectors if vectors is None else vectors
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.teacher_scale.to(features.device) * features.float() @ w.t()
 
     def student_logits(self, images: Tensor, vectors: Tensor | None = None) -> Tensor:
         return self._head(self.student(images), self.student.logit_scale(), vectors)
 
     def forward(self, batch: dict) -> dict:
-        images = batch["image"]  # the only key read: labels cannot reach the loss
-        t = self.teacher_logits(images)
+        images = batch["image"]  # with "teacher_features", the only keys read: labels cannot reach the loss
+        if "teacher_features" in batch:
+            t = self.cached_teacher_logits(batch["teacher_features"].to(images.device))
+        else:
+            t = self.teacher_logits(images)
         s = self.student_logits(images)
         with torch.autocast(device_type=images.device.type, enabled=False):
             loss = distillation_loss(t, s, self.temperature, self.weighting, self.kd_weight)
@@ -176,13 +209,18 @@ def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return D.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
-def agreement_selector(loader: Iterable[dict]) -> Callable[[DistillModule], dict]:
+def agreement_selector(loader: Iterable[dict], teacher_features: Tensor | None = None
+                       ) -> Callable[[DistillModule], dict]:
     """Teacher-student top-1 agreement (%) over a loader of held-out unlabelled images (uses ``image`` only).
 
     The loader must be deterministic (test preprocessing): the frozen teacher's predictions are computed
     in the first call and reused, keyed by ``batch["index"]`` when present, so later epochs only run the
-    student. In distributed runs give each rank its shard (counts are summed over ranks)."""
+    student. ``teacher_features`` ([H, D], normalised, row = ``batch["index"]``; a teacher cache's
+    ``heldout_features()``) replaces the teacher entirely. In distributed runs give each rank its shard
+    (counts are summed over ranks)."""
     teacher_top1: dict[int, int] = {}
+    if teacher_features is not None:
+        teacher_features = teacher_features.detach().float()
 
     @torch.no_grad()
     def select(module: DistillModule) -> dict:
@@ -195,6 +233,15 @@ def agreement_selector(loader: Iterable[dict]) -> Callable[[DistillModule], dict
             keys = batch["index"].tolist() if "index" in batch else None
             if keys is not None and all(k in teacher_top1 for k in keys):
                 teacher = torch.tensor([teacher_top1[k] for k in keys], device=device)
+            elif teacher_features is not None:
+                if keys is None:
+                    raise ValueError("cached held-out teacher features need batches with an 'index' key")
+                rows = teacher_features[keys]
+                if not torch.isfinite(rows).all():
+                    raise ValueError("the teacher cache holds no held-out features for some of these images "
+                                     "(another held-out set?)")
+                teacher = module.cached_teacher_logits(rows.to(device)).argmax(-1)
+                teacher_top1.update(zip(keys, teacher.tolist()))
             else:
                 teacher = module.teacher_logits(images).argmax(-1)
                 if keys is not None:
