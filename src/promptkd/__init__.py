@@ -29,6 +29,7 @@ _API: dict[str, str] = {
     "build_class_vectors": "promptkd.stages.class_vectors",
     "distill": "promptkd.stages.distillation",
     "evaluate_model": "promptkd.stages.evaluation",
+    "build_teacher_cache": "promptkd.stages.teacher_cache",
     "TeacherConfig": "promptkd.stages.teacher",
     "ClassVectorsConfig": "promptkd.stages.class_vectors",
     "DistillConfig": "promptkd.stages.distillation",

@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "architecture for a bare state dict (ViT-B-16, ViT-B/32, an open_clip config .json), "
                         "efficientnet-lite0, efficientnet-lite2, or one registered in promptkd.models.students")
     p.add_argument("--teacher-weights", help="CLIP weights of the teacher (overrides the path in the artefact)")
+    p.add_argument("--teacher-cache", metavar="DIR",
+                   help="the teacher's outputs computed ahead by `promptkd teacher-cache` with the same settings: the "
+                        "teacher is not loaded (refused, naming the field, if the cache was built for another run)")
     p.add_argument("--out", required=True, help="run folder: config, logs, checkpoints and the student artefact")
     add_run_options(p, seed_help="seed of data order, augmentation, hold-out and initialisation (default 1; on "
                                  "--resume the run's own)")
@@ -58,5 +61,5 @@ def run(args: argparse.Namespace) -> int:
         teacher=args.teacher, class_vectors=args.class_vectors, student_weights=args.student_weights, out=args.out,
         preset=args.config, dataset=args.dataset, data_root=args.data_root, teacher_weights=args.teacher_weights,
         overrides=args.overrides, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-        trust_checkpoint=args.trust_checkpoint, student_arch=args.student_arch))
+        trust_checkpoint=args.trust_checkpoint, student_arch=args.student_arch, teacher_cache=args.teacher_cache))
     return 0

@@ -8,15 +8,13 @@ Takes the same config, data, teacher and class-vector arguments as ``promptkd di
 stores, for every image of the unlabelled stream that run would train on, the teacher's normalised
 features of the augmented view of each epoch (``--views epochs``, exact) or of the first K epochs
 (``--views K``, replayed: epoch e uses view e mod K), plus the held-out images' features when
-``method.selection=agreement``. See ``promptkd.methods.teacher_cache``.
+``method.selection=agreement``. :func:`promptkd.stages.build_teacher_cache` does the work; see
+``promptkd.methods.teacher_cache`` for the storage.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,64 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def build_stream(settings: dict, data_root: str | None, store, image_spec):
-    """``(train_set, heldout_set or None, info)``: the unlabelled stream a distill run with ``settings``
-    trains on (``promptkd.stages.distillation``'s own plan and training set), the held-out images of
-    ``selection=agreement`` as its selector reads them (test preprocessing), and ``info["name"]``."""
-    from promptkd.data.loader import UnlabelledImages
-    from promptkd.data.transforms import Preprocess
-    from promptkd.methods.teacher_cache import stream_name
-    from promptkd.stages.distillation import build_training_data, plan_data
-
-    plan = plan_data(settings, data_root, store)
-    train_set, _, info = build_training_data(settings, data_root, store, image_spec, plan)
-    heldout = None
-    if plan.held_out:
-        data = settings["data"]
-        heldout = UnlabelledImages(plan.held_out, Preprocess.from_spec(image_spec), on_bad_image=data["on_bad_image"],
-                                   max_image_pixels=data["max_image_pixels"])
-    return train_set, heldout, {**info, "name": stream_name(settings), "notes": plan.notes}
-
-
 def run(args: argparse.Namespace) -> int:
-    from promptkd.methods.teacher_cache import build_teacher_cache
-    from promptkd.methods.teacher_io import load_teacher
-    from promptkd.stages.distillation import check_store_matches_teacher, distill_settings
-    from promptkd.store import ClassVectorStore
+    from promptkd.stages.teacher_cache import TeacherCacheConfig, build_teacher_cache
 
-    dataset = [f"data.dataset={args.dataset}"] if args.dataset else []
-    settings = distill_settings(args.config, [*dataset, *args.overrides, f"train.seed={args.seed}"])
-    train = settings["train"]
-    views = args.views if args.views == "epochs" else _positive_int(args.views, "--views")
-    store = ClassVectorStore.load(args.class_vectors)
-    teacher, _ = load_teacher(args.teacher, args.teacher_weights, args.trust_checkpoint)
-    check_store_matches_teacher(store, teacher, str(args.class_vectors))
-    train_set, heldout, info = build_stream(settings, args.data_root, store, teacher.image_spec)
-    for note in info["notes"]:
-        print(f"teacher-cache: note: {note}", file=sys.stderr)
-    n_views = int(train["epochs"]) if views == "epochs" else views
-    print(f"teacher-cache: {info['source']}: {len(train_set)} images x {n_views} view(s)"
-          f"{f' + {len(heldout)} held out' if heldout is not None else ''}, {args.dtype} -> {args.out}",
-          file=sys.stderr)
-    start = time.time()
-    cache = build_teacher_cache(
-        teacher, train_set, args.out, epochs=int(train["epochs"]), views=views, dtype=args.dtype,
-        identity={"class_vectors": store.fingerprint(), "dataset": info["name"]}, heldout=heldout,
-        batch_size=args.batch_size or int(train["batch_size"]), device=args.device or train["device"],
-        precision=args.precision or train["precision"],
-        num_workers=train["num_workers"] if args.workers is None else args.workers, shard_size=args.shard_size,
-        resume=args.resume)
-    size = sum(p.stat().st_size for p in Path(args.out).iterdir() if p.is_file())
-    print(f"teacher-cache: done in {time.time() - start:.1f} s: {cache.num_images} images x {cache.num_views} view(s), "
-          f"{size / 2**20:.1f} MiB in {args.out}", file=sys.stderr)
+    build_teacher_cache(TeacherCacheConfig(
+        teacher=args.teacher, class_vectors=args.class_vectors, out=args.out, preset=args.config, dataset=args.dataset,
+        data_root=args.data_root, teacher_weights=args.teacher_weights, overrides=args.overrides, seed=args.seed,
+        views=args.views, dtype=args.dtype, batch_size=args.batch_size, precision=args.precision, device=args.device,
+        workers=args.workers, shard_size=args.shard_size, resume=args.resume, trust_checkpoint=args.trust_checkpoint))
     return 0
-
-
-def _positive_int(text: str, flag: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{flag} must be 'epochs' or a positive number of views, got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"{flag} must be 'epochs' or a positive number of views, got {text!r}")
-    return value

@@ -2,6 +2,7 @@
 
 * :func:`train_teacher` (stage 1) -> :class:`TeacherRun`
 * :func:`build_class_vectors` -> :class:`ClassVectorsRun`
+* :func:`build_teacher_cache` (stage 2's teacher outputs, ahead of it) -> :class:`TeacherCacheRun`
 * :func:`distill` (stage 2) -> :class:`StudentRun`
 * :func:`evaluate_model` -> :class:`EvalRun`
 
@@ -13,10 +14,12 @@ from promptkd.stages.class_vectors import ClassVectorsConfig, ClassVectorsRun, b
 from promptkd.stages.distillation import DistillConfig, DistillSettings, StudentRun, distill, distill_settings
 from promptkd.stages.evaluation import EvalRun, EvaluateConfig, evaluate_model
 from promptkd.stages.teacher import TeacherConfig, TeacherRun, TeacherSettings, teacher_settings, train_teacher
+from promptkd.stages.teacher_cache import TeacherCacheConfig, TeacherCacheRun, build_teacher_cache
 
 __all__ = [
     "ClassVectorsConfig", "ClassVectorsRun", "build_class_vectors",
     "DistillConfig", "DistillSettings", "StudentRun", "distill", "distill_settings",
     "EvalRun", "EvaluateConfig", "evaluate_model",
     "TeacherConfig", "TeacherRun", "TeacherSettings", "teacher_settings", "train_teacher",
+    "TeacherCacheConfig", "TeacherCacheRun", "build_teacher_cache",
 ]

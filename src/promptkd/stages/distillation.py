@@ -134,6 +134,7 @@ class DistillConfig:
     overwrite: bool = False
     trust_checkpoint: bool = False
     student_arch: str | None = None  # sets student.arch (efficientnet-lite0, ViT-B-16, ...)
+    teacher_cache: str | Path | None = None  # a `promptkd teacher-cache` folder: the teacher is not loaded
     quiet: bool = False
 
 
@@ -287,37 +288,55 @@ def selection_images(settings: dict, plan: DataPlan, store) -> tuple[list, list[
     return samples, rows
 
 
-def build_selector(settings: dict, plan: DataPlan, store, image_spec):
-    """The ``select_fn`` of the configured rule (None for ``last``)."""
-    from promptkd.data.loader import LabelledImages, UnlabelledImages, make_loader
+def _image_options(settings: dict) -> dict:
+    data = settings["data"]
+    return {"on_bad_image": data["on_bad_image"], "max_image_pixels": data["max_image_pixels"]}
+
+
+def training_stream(settings: dict, plan: DataPlan, image_spec):
+    """The unlabelled training images with the paper's augmentation, deterministic per (seed, epoch, index)."""
+    from promptkd.data.loader import UnlabelledImages
+    from promptkd.data.transforms import TrainAugment
+
+    return UnlabelledImages(plan.train_paths, TrainAugment.from_spec(image_spec), seed=int(settings["train"]["seed"]),
+                            **_image_options(settings))
+
+
+def heldout_images(settings: dict, plan: DataPlan, image_spec):
+    """The held-out unlabelled images of ``selection=agreement`` with test preprocessing (None otherwise)."""
+    from promptkd.data.loader import UnlabelledImages
+    from promptkd.data.transforms import Preprocess
+
+    if not plan.held_out:
+        return None
+    return UnlabelledImages(plan.held_out, Preprocess.from_spec(image_spec), **_image_options(settings))
+
+
+def build_selector(settings: dict, plan: DataPlan, store, image_spec, *, heldout=None, heldout_features=None):
+    """The ``select_fn`` of the configured rule (None for ``last``). ``heldout_features``: the teacher's
+    features of the held-out images from a teacher cache (agreement without a teacher)."""
+    from promptkd.data.loader import LabelledImages, make_loader
     from promptkd.data.transforms import Preprocess
     from promptkd.engine import distributed as D
     from promptkd.methods.promptkd import agreement_selector, labelled_accuracy_selector
 
     shard = (D.rank(), D.world_size()) if D.world_size() > 1 else None
     workers = int(settings["train"]["num_workers"])
-    eval_tf = Preprocess.from_spec(image_spec)
-    images = {"on_bad_image": settings["data"]["on_bad_image"], "max_image_pixels": settings["data"]["max_image_pixels"]}
     if settings["method"]["selection"] == "agreement":
-        held = UnlabelledImages(plan.held_out, eval_tf, **images)
-        return agreement_selector(make_loader(held, 64, num_workers=workers, distributed=shard))
+        held = heldout if heldout is not None else heldout_images(settings, plan, image_spec)
+        return agreement_selector(make_loader(held, 64, num_workers=workers, distributed=shard),
+                                  teacher_features=heldout_features)
     if plan.labelled is None:
         return None
     samples, rows = plan.labelled
-    labelled = LabelledImages(samples, eval_tf, **images)
+    labelled = LabelledImages(samples, Preprocess.from_spec(image_spec), **_image_options(settings))
     return labelled_accuracy_selector(make_loader(labelled, 64, num_workers=workers, distributed=shard), rows)
 
 
 def build_training_data(settings: dict, data_root: str | Path | None, store, image_spec, plan: DataPlan | None = None):
     """``(unlabelled training set, select_fn or None, info)`` of a run: what :func:`distill` trains on."""
-    from promptkd.data.loader import UnlabelledImages
-    from promptkd.data.transforms import TrainAugment
-
     plan = plan or plan_data(settings, data_root, store)
-    train_set = UnlabelledImages(plan.train_paths, TrainAugment.from_spec(image_spec),
-                                 seed=int(settings["train"]["seed"]), on_bad_image=settings["data"]["on_bad_image"],
-                                 max_image_pixels=settings["data"]["max_image_pixels"])
-    return train_set, build_selector(settings, plan, store, image_spec), plan.info()
+    return training_stream(settings, plan, image_spec), build_selector(settings, plan, store, image_spec), plan.info()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,28 +433,42 @@ def _distill(cfg: DistillConfig, folder: RunFolder) -> StudentRun:
         say(f"note: {note}")
 
     device = resolve_device(loop_cfg.device)
-    teacher, teacher_meta = load_teacher(cfg.teacher, weights=cfg.teacher_weights,
-                                         trust_checkpoint=cfg.trust_checkpoint)
-    check_store_matches_teacher(store, teacher, str(cfg.class_vectors))
+    if cfg.teacher_cache:  # the teacher's outputs were computed ahead: it is not loaded at all
+        from promptkd.methods.teacher_cache import cache_image_spec
+
+        teacher, teacher_meta, spec_t = None, _teacher_meta(cfg.teacher), cache_image_spec(cfg.teacher_cache)
+    else:
+        teacher, teacher_meta = load_teacher(cfg.teacher, weights=cfg.teacher_weights,
+                                             trust_checkpoint=cfg.trust_checkpoint)
+        check_store_matches_teacher(store, teacher, str(cfg.class_vectors))
+        teacher, spec_t = teacher.to(device), teacher.image_spec
     torch.manual_seed(seed)  # the projector's initialisation comes from the run seed
-    student = build_student(settings["student"], cfg.student_weights, store.dim, teacher.image_spec,
-                            trust_checkpoint=cfg.trust_checkpoint, seed=seed, logit_scale=float(store.logit_scale))
-    teacher, student = teacher.to(device), student.to(device)
-    spec_t, spec_s = teacher.image_spec, student.image_spec
+    student = build_student(settings["student"], cfg.student_weights, store.dim, spec_t,
+                            trust_checkpoint=cfg.trust_checkpoint, seed=seed,
+                            logit_scale=float(store.logit_scale)).to(device)
+    spec_s = student.image_spec
     if (spec_t.size, spec_t.mean, spec_t.std) != (spec_s.size, spec_s.mean, spec_s.std):
         raise ValueError(f"teacher and student expect different images ({spec_t} vs {spec_s}); both must see the "
                          "same augmented batch")
 
-    train_set, select_fn, info = build_training_data(settings, cfg.data_root, store, spec_s, plan)
+    train_set, info = training_stream(settings, plan, spec_s), plan.info()
+    cache = None
+    if cfg.teacher_cache:
+        train_set, cache, select_fn = _from_cache(cfg, settings, plan, store, train_set, spec_s)
+        info["teacher_cache"] = {"path": str(cfg.teacher_cache), "views": cache.views, "dtype": cache.dtype}
+    else:
+        select_fn = build_selector(settings, plan, store, spec_s)
     label = selection_label(settings["method"]["selection"], settings["protocol"])
     run_info = {"config_source": str(cfg.preset) if cfg.preset else None,
                 "data_root": str(cfg.data_root) if cfg.data_root else None, "teacher": str(cfg.teacher),
                 "class_vectors": str(cfg.class_vectors), "student_weights": str(cfg.student_weights),
                 "store_fingerprint": store.fingerprint(), "teacher_adapter_sha256": teacher_meta.get("adapter_sha256"),
                 "student_sha256": student.identity().get("sha256"), "seed": seed, "unlabelled": info,
+                "teacher_cache": info.get("teacher_cache"),
                 "teacher_summary": {"artefact": str(cfg.teacher), "adapter_sha256": teacher_meta.get("adapter_sha256"),
                                     "dataset": teacher_meta.get("config", {}).get("dataset")}}
-    check_same_inputs(folder, run_info, ("store_fingerprint", "teacher_adapter_sha256", "student_sha256"))
+    check_same_inputs(folder, run_info, ("store_fingerprint", "teacher_adapter_sha256", "student_sha256",
+                                         "teacher_cache"))
     if D.is_main():
         cfgmod.save(settings, out / "config.yaml")
         write_run_record(out, run_info)
@@ -456,7 +489,7 @@ def _distill(cfg: DistillConfig, folder: RunFolder) -> StudentRun:
     m = settings["method"]
     module = DistillModule(teacher, student, store, temperature=m["temperature"], kd_weight=m["kd_weight"],
                            weighting=m["weighting"], selection=m["selection"], select_fn=select_fn,
-                           selection_label=label)
+                           selection_label=label, teacher_logit_scale=cache.logit_scale if cache else None)
     result = fit(module, train_set, loop_cfg, out, resume=cfg.resume, tensorboard=settings["log"]["tensorboard"])
     run = StudentRun(out, None, bool(result["completed"]), settings, data=info, history=list(result["history"]))
     if not run.completed:
@@ -474,3 +507,29 @@ def _distill(cfg: DistillConfig, folder: RunFolder) -> StudentRun:
     D.barrier()
     run.artefact = out
     return run
+
+
+def _teacher_meta(teacher: str | Path) -> dict:
+    """adapter.json of a teacher artefact (an authors' checkpoint has none)."""
+    from promptkd import artifacts
+
+    try:
+        return artifacts.read_meta(teacher)[1]
+    except FileNotFoundError:
+        return {}
+
+
+def _from_cache(cfg: DistillConfig, settings: dict, plan: DataPlan, store, train_set, image_spec):
+    """``(stream with the cached teacher features, cache, select_fn)``; a cache built for another teacher,
+    store, stream, seed, augmentation or held-out set is refused naming the field."""
+    from promptkd.methods import teacher_cache as tc
+
+    heldout = heldout_images(settings, plan, image_spec)
+    expected = tc.cache_identity(
+        teacher=tc.teacher_checksum_for(cfg.teacher, cfg.teacher_weights, cfg.trust_checkpoint),
+        class_vectors=store.fingerprint(), dataset=tc.stream_name(settings), train_set=train_set,
+        heldout_set=heldout, epochs=int(settings["train"]["epochs"]), views=None, dtype=None)
+    cache = tc.open_teacher_cache(cfg.teacher_cache, expected)
+    select_fn = build_selector(settings, plan, store, image_spec, heldout=heldout,
+                               heldout_features=cache.heldout_features() if heldout is not None else None)
+    return tc.CachedTeacherImages(train_set, cache), cache, select_fn
