@@ -19,7 +19,7 @@ from promptkd.models.backbones import ImageSpec, Student, register_builder
 from promptkd.store import ClassVectorStore
 
 SPEC = ImageSpec(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear")
-COLOURS = {"red": (230, 20, 20), "green": (20, 200, 30), "blue": (25, 30, 220)}
+COLOURS = {"red": (230, 110, 20), "green": (20, 200, 110), "blue": (110, 30, 220)}  # distinct runner-up classes
 CLASSES = list(COLOURS)
 
 
@@ -55,7 +55,7 @@ def save_colour_student(folder: Path) -> Path:
     return save_adapter(ColourStudent().eval(), folder, "student", store=colour_store())
 
 
-def colour_image(path: Path, colour: str, size: tuple[int, int] = (48, 40), noise: int = 20, seed: int = 0) -> Path:
+def colour_image(path: Path, colour: str, size: tuple[int, int] = (40, 40), noise: int = 20, seed: int = 0) -> Path:
     """A noisy image of one of COLOURS (PNG unless the suffix says otherwise)."""
     rng = np.random.default_rng(seed)
     base = np.array(COLOURS[colour], dtype=np.int16)
