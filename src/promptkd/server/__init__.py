@@ -18,7 +18,6 @@ and the server keeps serving. Requests are not run one model call each: images w
 503 (retry later) instead of an unbounded queue.
 """
 
-from __future__ import annotations
 
 import asyncio
 import base64
@@ -47,7 +46,7 @@ class ServeConfig:
     max_wait_ms: float = 5.0  # how long the first image of a batch waits for others
     max_pending: int = 256  # images waiting or running; beyond: 503
 
-    def validate(self) -> ServeConfig:
+    def validate(self) -> "ServeConfig":
         problems = [f"{name} must be positive (got {getattr(self, name)})"
                     for name in ("top_k", "max_upload_mb", "max_images", "max_pixels", "max_batch", "max_pending")
                     if not getattr(self, name) > 0]
@@ -296,8 +295,8 @@ def _decode_all(uploads: list[tuple[str, bytes]], cfg: ServeConfig, prepare) -> 
         except Exception as exc:
             raise RequestError(400, f"{name}: not an image ({type(exc).__name__}: {exc})") from exc
         if width * height > cfg.max_pixels:
-            raise RequestError(413, f"{name}: {width}x{height} = {width * height / 1e6:.1f} MP; the limit is "
-                                    f"{cfg.max_pixels / 1e6:.1f} MP")
+            raise RequestError(413, f"{name}: {width}x{height} = {width * height:,} pixels; the limit is "
+                                    f"{cfg.max_pixels:,} (--max-pixels)")
         try:
             images.append(decode_image(data, name))
         except ValueError as exc:
@@ -346,9 +345,9 @@ class BodyLimit:
     async def _too_large(self, send, length: int | None) -> None:
         import json
 
-        got = f"{length / 2**20:.1f} MiB" if length is not None else "more than that"
-        payload = json.dumps({"detail": f"request body too large: {got}; the limit is "
-                                        f"{self.max_bytes / 2**20:.1f} MiB (--max-upload-mb)"}).encode()
+        got = f"{length:,} bytes" if length is not None else "more than the limit"
+        payload = json.dumps({"detail": f"request body too large: {got}; the limit is {self.max_bytes:,} bytes "
+                                        f"({self.max_bytes / 2**20:g} MiB, --max-upload-mb)"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                                 (b"content-length", str(len(payload)).encode())]})
