@@ -154,3 +154,26 @@ def test_onnx_and_torch_agree_through_the_predictor_interface(colour_setup, tmp_
     assert onnx_pred.info.backend == "onnxruntime" and onnx_pred.info.precision == "fp32"
     x = torch.randn(5, 3, 32, 32)
     np.testing.assert_allclose(onnx_pred.probabilities(x), torch_pred.probabilities(x), atol=1e-5)
+
+
+def test_backend_auto_uses_onnxruntime_for_long_fp32_jobs_with_the_same_answers(colour_setup, tmp_path, capsys):
+    from promptkd.runtime import OnnxPredictor, TorchPredictor, load_predictor
+
+    student, images, truth, _ = colour_setup
+    torch_pred = load_predictor(student, precision="fp32", backend="auto", expected_images=10)
+    ort_pred = load_predictor(student, precision="fp32", backend="auto", expected_images=None)  # a server
+    assert isinstance(torch_pred, TorchPredictor) and isinstance(ort_pred, OnnxPredictor)
+    assert ort_pred.info.key() == torch_pred.info.key() and ort_pred.info.name == "student"
+    x = torch.randn(7, 3, 32, 32)
+    np.testing.assert_allclose(ort_pred.probabilities(x), torch_pred.probabilities(x), atol=1e-5)
+    with pytest.raises(ValueError, match="runs fp32 on the CPU"):
+        load_predictor(student, precision="bf16", backend="onnxruntime")
+    # rows written through onnxruntime are resumed by PyTorch (the same model), and agree
+    out = tmp_path / "p.csv"
+    paths = sorted(truth)
+    assert main(["predict", *paths[:3], "--student", str(student), "--out", str(out), "--backend", "onnxruntime",
+                 "--precision", "fp32"]) == 0
+    assert main(["predict", *paths, "--student", str(student), "--out", str(out), "--backend", "torch",
+                 "--precision", "fp32"]) == 0
+    assert [r["label_1"] for r in _read_csv(out)] == [truth[p] for p in paths]
+    assert "backend onnxruntime -> onnxruntime" in capsys.readouterr().err

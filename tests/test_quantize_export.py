@@ -196,7 +196,8 @@ def test_demo_student_exports_to_onnx_and_int8(tmp_path, capsys):
     # dynamic int8 covers MatMul/Gemm only: a convolutional student is refused with the way out
     assert main(["export", "--student", str(folder), "--format", "onnx", "--quantize", "int8",
                  "--out", str(tmp_path / "dyn.onnx")]) == 2
-    assert "nothing to quantise" in capsys.readouterr().err and not (tmp_path / "dyn.onnx").exists()
+    err = capsys.readouterr().err
+    assert f"{folder}: dynamic int8 found nothing to quantise" in err and not (tmp_path / "dyn.onnx").exists()
     # predicting image files through the ONNX file gives the PyTorch folder's classes
     paths = sorted(str(p) for p in calib.iterdir())
     from promptkd.runtime import load_predictor

@@ -75,8 +75,10 @@ class _BatchReader:
 
 
 def quantize_onnx(fp32_path: str | os.PathLike, out: str | os.PathLike, settings: QuantizeSettings,
-                  calibration: Iterable[np.ndarray] | None = None, calibration_source: str = "") -> Path:
-    """Write an int8 copy of the promptkd ONNX file ``fp32_path`` to ``out`` (static needs ``calibration``)."""
+                  calibration: Iterable[np.ndarray] | None = None, calibration_source: str = "",
+                  name: str | None = None) -> Path:
+    """Write an int8 copy of the promptkd ONNX file ``fp32_path`` to ``out`` (static needs ``calibration``).
+    ``name`` is how error messages call the model (default: ``fp32_path``)."""
     ort = import_onnxruntime()
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -128,7 +130,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out: str | os.PathLike, settings
                           calibration_images=reader.images, calibration_source=calibration_source)
         quantized = _int8_nodes(raw)
         if quantized == 0:
-            raise ValueError(f"{fp32_path}: {settings.mode} int8 found nothing to quantise in this student "
+            raise ValueError(f"{name or fp32_path}: {settings.mode} int8 found nothing to quantise in this student "
                              f"(dynamic int8 covers MatMul/Gemm layers; convolutions need static int8: pass "
                              f"--calibration FOLDER)")
         record["int8_nodes"] = quantized
@@ -263,5 +265,6 @@ def export_int8(loaded, out: str | os.PathLike, *, calibration: str | None = Non
         batches = calibration_batches(paths, loaded.image_spec)
     with tempfile.TemporaryDirectory(prefix="promptkd-export-") as tmp:
         fp32 = export_onnx(loaded, Path(tmp) / "fp32.onnx", output=output, opset=opset)
-        path = quantize_onnx(fp32, out, settings, batches, calibration_source=str(calibration or ""))
+        path = quantize_onnx(fp32, out, settings, batches, calibration_source=str(calibration or ""),
+                             name=loaded.source)
     return path, json.loads(read_onnx_metadata(path)["promptkd.quantization"])

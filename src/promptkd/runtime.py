@@ -272,28 +272,46 @@ def check_batch_from_files(spec: ImageSpec, paths: Sequence[str], limit: int = C
     return Preparer(spec)(images) if images else None
 
 
+BACKENDS = ("auto", "torch", "onnxruntime")
+AUTO_ONNX_MIN_IMAGES = 256  # below this, exporting to ONNX first costs more than it saves
+
+
 def load_predictor(path: str | os.PathLike, *, precision: str = "auto", device: str = "cpu", threads: int = 0,
                    check_images: torch.Tensor | None = None, check_paths: Sequence[str] = (),
-                   **builder_options) -> Predictor:
+                   backend: str = "torch", expected_images: int | None = None, **builder_options) -> Predictor:
     """A predictor for a student folder, a safetensors bundle or an exported ONNX file.
 
     ``precision`` (``auto`` | ``fp32`` | ``bf16``) applies to PyTorch models and is resolved by
     :func:`promptkd.precision.resolve_precision` on ``check_images``, else the first readable
     ``check_paths``, else a synthetic batch. An ONNX file runs at the precision it was exported with
-    (fp32 or int8); ``bf16`` is refused for it."""
+    (fp32 or int8); ``bf16`` is refused for it.
+
+    ``backend`` for a folder or bundle: ``torch``, ``onnxruntime`` (exported to fp32 ONNX in memory first,
+    the same outputs within 1e-5; CPU, fp32 only) or ``auto``: onnxruntime when the precision resolves to
+    fp32 on a CPU (measured faster there: ``benchmarks/bench_precision.py``) and the job is long enough to
+    repay the export (a server: ``expected_images=None``, or at least :data:`AUTO_ONNX_MIN_IMAGES`
+    images), PyTorch otherwise."""
     from promptkd.precision import resolve_precision
     from promptkd.serve import load_student
 
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     p = Path(path)
     if p.suffix == ".onnx":
         if precision not in ("auto", "fp32", "int8"):
             raise ValueError(f"{p}: an ONNX file runs at the precision it was exported with; --precision "
                              f"{precision} applies to student folders and bundles only")
+        if backend == "torch":
+            raise ValueError(f"{p}: an ONNX file runs on onnxruntime (--backend torch needs a folder or bundle)")
         return OnnxPredictor(p, threads)
+    if backend == "onnxruntime" and (precision == "bf16" or torch.device(device).type != "cpu"):
+        raise ValueError("--backend onnxruntime runs fp32 on the CPU: use --precision fp32/auto and --device cpu")
     if threads > 0:
         torch.set_num_threads(threads)
     loaded = load_student(p, device=device, **builder_options)
     fp32 = TorchPredictor(loaded, "fp32", device)
+    if backend == "onnxruntime":
+        precision = "fp32"
     if check_images is None and precision == "auto":
         from promptkd.precision import native_bf16
 
@@ -303,7 +321,29 @@ def load_predictor(path: str | os.PathLike, *, precision: str = "auto", device: 
                 check_images = synthetic_check_batch(fp32.image_spec)
     choice = resolve_precision(precision, device=device,
                                check=(lambda dtype: _check_logits(fp32, dtype, check_images)))
-    return TorchPredictor(loaded, choice.precision, device, notes=[choice.reason])
+    long_job = expected_images is None or expected_images >= AUTO_ONNX_MIN_IMAGES
+    use_ort = backend == "onnxruntime" or (backend == "auto" and choice.precision == "fp32" and long_job
+                                           and torch.device(device).type == "cpu")
+    if not use_ort:
+        return TorchPredictor(loaded, choice.precision, device, notes=[choice.reason])
+    return onnx_twin(loaded, fp32, threads, notes=[choice.reason, f"backend {backend} -> onnxruntime (fp32 "
+                                                   "export of the same student, made in a temporary folder)"])
+
+
+def onnx_twin(loaded, torch_predictor: TorchPredictor, threads: int = 0, notes: Sequence[str] = ()) -> OnnxPredictor:
+    """The student exported to fp32 ONNX (temporary file) and loaded in onnxruntime; it keeps the PyTorch
+    predictor's name and identity, so files written by either count as the same model."""
+    import tempfile
+
+    from promptkd.serve import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="promptkd-ort-") as tmp:
+        predictor = OnnxPredictor(export_onnx(loaded, Path(tmp) / "student.onnx", output="logits"), threads)
+    info = torch_predictor.info
+    predictor.info = ModelInfo(name=info.name, source=info.source, backend="onnxruntime", precision="fp32",
+                               class_names=info.class_names, image_spec=info.image_spec, identity=info.identity,
+                               notes=list(notes))
+    return predictor
 
 
 def _check_logits(fp32: TorchPredictor, precision: str, images: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                    help="auto (default): bf16 where native and agreeing with fp32 on the check images, else fp32; "
                         "ONNX files run as exported")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="for a folder or bundle: auto (default) serves fp32 on the CPU through onnxruntime (exported "
+                        "at start; faster there, same outputs), bf16 and GPUs through PyTorch")
     p.add_argument("--check-images", metavar="FOLDER", default=None,
                    help="images for the --precision auto check (default: synthetic images)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
@@ -54,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
                       max_images=args.max_images, max_pixels=args.max_pixels, max_batch=args.max_batch,
                       max_wait_ms=args.max_wait_ms, max_pending=args.max_pending)
     serve(args.student, cfg, precision=args.precision, device=args.device, threads=args.threads,
-          check_images=args.check_images, log_level=args.log_level, **builder_options(args))
+          check_images=args.check_images, log_level=args.log_level, backend=args.backend, **builder_options(args))
     return 0

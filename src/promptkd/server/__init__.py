@@ -355,7 +355,8 @@ class BodyLimit:
 
 
 def serve(model: str, cfg: ServeConfig, *, precision: str = "auto", device: str = "cpu", threads: int = 0,
-          check_images: str | None = None, log_level: str = "info", **builder_options) -> None:
+          check_images: str | None = None, log_level: str = "info", backend: str = "auto",
+          **builder_options) -> None:
     """Load ``model`` (student folder, bundle or ONNX file) and serve it with uvicorn until interrupted."""
     import uvicorn
 
@@ -364,7 +365,7 @@ def serve(model: str, cfg: ServeConfig, *, precision: str = "auto", device: str 
     cfg.validate()
     paths = expand_inputs([check_images]) if check_images else []
     predictor = load_predictor(model, precision=precision, device=device, threads=threads, check_paths=paths,
-                               **builder_options)
+                               backend=backend, expected_images=None, **builder_options)
     for note in predictor.info.notes:
         print(f"note: {note}", flush=True)
     info = predictor.info
