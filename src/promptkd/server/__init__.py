@@ -365,7 +365,7 @@ def serve(model: str, cfg: ServeConfig, *, precision: str = "auto", device: str 
     cfg.validate()
     paths = expand_inputs([check_images]) if check_images else []
     predictor = load_predictor(model, precision=precision, device=device, threads=threads, check_paths=paths,
-                               backend=backend, expected_images=None, **builder_options)
+                               backend=backend, expected_images=None, check_limit=256, **builder_options)
     for note in predictor.info.notes:
         print(f"note: {note}", flush=True)
     info = predictor.info
