@@ -130,12 +130,17 @@ def test_calibration_from_a_named_dataset(clip_student, tmp_path, capsys):
 def test_export_refuses_contradictory_options(clip_student, tmp_path, capsys):
     folder, calib = clip_student
     base = ["export", "--student", str(folder), "--out", str(tmp_path / "x")]
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.png").write_bytes(b"not a png")
     cases = [
         (["--format", "safetensors", "--quantize", "int8"], "applies to --format onnx"),
         (["--format", "onnx", "--calibration", str(calib)], "only used with --quantize int8"),
         (["--format", "onnx", "--precision", "bf16"], "bf16 is not offered for ONNX"),
         (["--format", "onnx", "--quantize", "int8", "--quantize-mode", "static"], "needs --calibration"),
         (["--format", "onnx", "--quantize", "int8", "--calibration", str(tmp_path / "nowhere")], "nowhere"),
+        (["--format", "onnx", "--quantize", "int8", "--calibration", str(junk)],
+         f"no readable calibration images in {junk}"),
     ]
     for extra, message in cases:
         assert main([*base, *extra]) == 2, extra

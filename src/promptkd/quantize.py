@@ -118,12 +118,17 @@ def quantize_onnx(fp32_path: str | os.PathLike, out: str | os.PathLike, settings
             method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                       "entropy": CalibrationMethod.Entropy}[settings.calibration_method]
             fmt = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[settings.quant_format]
-            quantize_static(str(source), str(raw), reader, quant_format=fmt, op_types_to_quantize=list(settings.ops()),
-                            nodes_to_exclude=excluded, reduce_range=settings.reduce_range,
-                            per_channel=settings.per_channel,
-                            activation_type=QuantType.QUInt8 if settings.activations == "uint8" else QuantType.QInt8,
-                            weight_type=QuantType.QInt8, calibrate_method=method,
-                            extra_options=dict(settings.extra))
+            try:
+                quantize_static(str(source), str(raw), reader, quant_format=fmt, op_types_to_quantize=list(settings.ops()),
+                                nodes_to_exclude=excluded, reduce_range=settings.reduce_range,
+                                per_channel=settings.per_channel,
+                                activation_type=QuantType.QUInt8 if settings.activations == "uint8" else QuantType.QInt8,
+                                weight_type=QuantType.QInt8, calibrate_method=method,
+                                extra_options=dict(settings.extra))
+            except Exception as exc:  # onnxruntime says only 'No data is collected.'
+                if reader.images == 0:
+                    raise ValueError(f"no readable calibration images in {calibration_source or 'the calibration set'}") from exc
+                raise
             if reader.images == 0:
                 raise ValueError(f"no calibration images were read from {calibration_source or 'the calibration set'}")
             record.update(format=settings.quant_format, calibration_method=settings.calibration_method,
@@ -199,7 +204,8 @@ def _copy_metadata(path: Path, props: dict[str, str], record: dict) -> None:
 
 
 def calibration_batches(paths: Sequence[str], spec, batch_size: int = 16) -> Iterator[np.ndarray]:
-    """Preprocessed float32 batches of calibration images; unreadable files are skipped (and counted)."""
+    """Preprocessed float32 batches of calibration images; unreadable files are skipped (the file records
+    how many images were read, and none at all is an error)."""
     from promptkd.runtime import Preparer, decode_image
 
     prepare = Preparer(spec)
