@@ -102,7 +102,8 @@ class Preparer:
         self.spec = spec
         self.transform = Preprocess.from_spec(spec)
 
-    def one(self, image: Image.Image) -> torch.Tensor:
+    def one(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One image -> ``[C, S, S]``; ``generator`` is accepted for the data loader's API and unused."""
         if self.spec.channels == 1:
             grey = self.transform.resize_and_crop(image).convert("L")
             x = torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0).unsqueeze(0)
@@ -278,7 +279,7 @@ AUTO_ONNX_MIN_IMAGES = 256  # below this, exporting to ONNX first costs more tha
 
 def load_predictor(path: str | os.PathLike, *, precision: str = "auto", device: str = "cpu", threads: int = 0,
                    check_images: torch.Tensor | None = None, check_paths: Sequence[str] = (),
-                   backend: str = "torch", expected_images: int | None = None, check_limit: int = CHECK_IMAGES,
+                   backend: str | None = None, expected_images: int | None = None, check_limit: int = CHECK_IMAGES,
                    **builder_options) -> Predictor:
     """A predictor for a student folder, a safetensors bundle or an exported ONNX file.
 
@@ -288,7 +289,8 @@ def load_predictor(path: str | os.PathLike, *, precision: str = "auto", device: 
     disagreement: 200+ images make the 99.5% rule meaningful, at the cost of two passes over them.) An ONNX file runs at the precision it was exported with
     (fp32 or int8); ``bf16`` is refused for it.
 
-    ``backend`` for a folder or bundle: ``torch``, ``onnxruntime`` (exported to fp32 ONNX in memory first,
+    ``backend`` for a folder or bundle (``None``: PyTorch; an ONNX file always runs on onnxruntime):
+    ``torch``, ``onnxruntime`` (exported to fp32 ONNX in memory first,
     the same outputs within 1e-5; CPU, fp32 only) or ``auto``: onnxruntime when the precision resolves to
     fp32 on a CPU (measured faster there: ``benchmarks/bench_precision.py``) and the job is long enough to
     repay the export (a server: ``expected_images=None``, or at least :data:`AUTO_ONNX_MIN_IMAGES`
@@ -296,7 +298,7 @@ def load_predictor(path: str | os.PathLike, *, precision: str = "auto", device: 
     from promptkd.precision import resolve_precision
     from promptkd.serve import load_student
 
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     p = Path(path)
     if p.suffix == ".onnx":
@@ -306,6 +308,7 @@ def load_predictor(path: str | os.PathLike, *, precision: str = "auto", device: 
         if backend == "torch":
             raise ValueError(f"{p}: an ONNX file runs on onnxruntime (--backend torch needs a folder or bundle)")
         return OnnxPredictor(p, threads)
+    backend = backend or "torch"
     if backend == "onnxruntime" and (precision == "bf16" or torch.device(device).type != "cpu"):
         raise ValueError("--backend onnxruntime runs fp32 on the CPU: use --precision fp32/auto and --device cpu")
     if threads > 0:
