@@ -363,6 +363,7 @@ def evaluate_benchmark(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     progress: bool = True,
+    max_image_pixels: int | None = None,
 ) -> EvalResult:
     """Features of every test image of ``bench`` (once), then the protocol's metrics."""
     from promptkd.data.loader import BadImageError, LabelledImages, make_loader
@@ -372,7 +373,8 @@ def evaluate_benchmark(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     # a test image that cannot be read must stop the evaluation, not be replaced by another one
-    dataset = LabelledImages(bench.test, preprocess_for(classifier.image_spec), on_bad_image="error")
+    limit = {"max_image_pixels": max_image_pixels} if max_image_pixels else {}
+    dataset = LabelledImages(bench.test, preprocess_for(classifier.image_spec), on_bad_image="error", **limit)
     if len(dataset) == 0:  # say which dataset (extract_features alone cannot)
         raise ValueError(f"{bench.name}: the test split is empty: nothing to evaluate")
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
@@ -430,7 +432,7 @@ def teacher_classifier(path: str | Path, class_names: Sequence[str], *, device: 
 
 
 def zeroshot_classifier(clip_weights: str | Path, bench, *, device: torch.device | str = "cpu",
-                        templates: str = "coop", trust_checkpoint: bool = False) -> ImageClassifier:
+                        templates: str = "coop", trust_checkpoint: bool = False, **load_options) -> ImageClassifier:
     """Frozen CLIP: un-prompted image tower + frozen text tower over a template set (CoOp's by default,
     as the paper's CLIP rows)."""
     from promptkd.methods.templates import template_set
@@ -439,7 +441,8 @@ def zeroshot_classifier(clip_weights: str | Path, bench, *, device: torch.device
     from promptkd.models.prompts import PromptConfig
 
     no_prompts = PromptConfig(n_ctx_text=0, text_depth=0, ctx_init=None, n_ctx_vision=0, vision_depth=0)
-    clip = load_clip_teacher(clip_weights, no_prompts, trust_checkpoint=trust_checkpoint, device=device).eval()
+    clip = load_clip_teacher(clip_weights, no_prompts, trust_checkpoint=trust_checkpoint, device=device,
+                             **load_options).eval()
     store = zeroshot_store(clip, bench.classnames, template_set(templates, bench.name))
 
     def encode(images: Tensor) -> Tensor:

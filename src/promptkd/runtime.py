@@ -19,13 +19,11 @@ turns its events off, for callers that import this module first.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -64,31 +62,32 @@ def ort_session(path: str | os.PathLike, threads: int = 0):
 # images
 
 
-class NamedBytes(io.BytesIO):
-    """In-memory file whose ``str()`` is the upload's name, so decoding errors name it like a path."""
+def decode_image(source: str | os.PathLike | bytes, name: str | None = None,
+                 max_pixels: int | None = None) -> Image.Image:
+    """An 8-bit RGB image from a file path or from bytes, through the data loader's decoder
+    (:func:`promptkd.data.decode.read_image`: 16-bit scaling, pixel limit, one-line errors).
 
-    def __init__(self, data: bytes, name: str) -> None:
-        super().__init__(data)
-        self.name = name
-
-    def __str__(self) -> str:
-        return self.name
-
-    def __repr__(self) -> str:
-        return repr(self.name)
-
-
-def decode_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
-    """An RGB image from a file path or from bytes, through the data loader's decoder.
-
+    Bytes (an upload) are written to a private temporary file first, since the decoder reads paths.
     Raises ``ValueError`` naming the file (or ``name`` for bytes) when it cannot be decoded."""
-    from promptkd.data.loader import BadImageError, read_image
+    from promptkd.data.decode import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, read_image
 
-    target: Any = NamedBytes(source, name or "<upload>") if isinstance(source, bytes) else str(source)
-    try:
-        return read_image(target)
-    except BadImageError as exc:
-        raise ValueError(str(exc)) from exc
+    limit = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if not isinstance(source, bytes):
+        try:
+            return read_image(source, max_pixels=limit)
+        except BadImageError as exc:
+            raise ValueError(str(exc)) from exc
+    import tempfile
+
+    label = name or "<upload>"
+    with tempfile.TemporaryDirectory(prefix="promptkd-upload-") as tmp:
+        path = os.path.join(tmp, "upload" + Path(label).suffix.lower()[:8])
+        with open(path, "wb") as f:
+            f.write(source)
+        try:
+            return read_image(path, max_pixels=limit)
+        except BadImageError as exc:
+            raise ValueError(str(exc).replace(path, label)) from exc
 
 
 class Preparer:

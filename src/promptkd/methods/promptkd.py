@@ -25,15 +25,17 @@ Model selection (which epoch's student is kept):
 * ``last``: the final epoch (honest default);
 * ``agreement``: highest teacher-student top-1 agreement on a held-out share of the UNLABELLED images
   (no label is touched; those images are not trained on);
-* ``paper``: highest base-class accuracy on the BASE TEST set, which is what the authors' code does
-  (Dassl's "best_val" with val = test). It uses test labels; outputs say so:
-  ``"best_base_test (paper; uses test labels)"``.
+* ``val``: highest accuracy on labelled validation images (no test image);
+* ``paper``: highest accuracy on the TEST set, which is what the authors' code does (Dassl's "best_val"
+  with val = test): base classes in base-to-novel, the target's classes in cross-dataset and domain
+  generalisation. It uses test labels; outputs say so: ``"best_base_test (paper; uses test labels)"``
+  / ``"best_target_test (paper; uses test labels)"``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,7 @@ WEIGHTINGS = ("authors", "batchmean")
 SELECTIONS = {
     "last": "last_epoch",
     "agreement": "best_teacher_agreement (held-out unlabelled images; no labels)",
+    "val": "best_val (labelled validation images)",
     "paper": "best_base_test (paper; uses test labels)",
 }
 
@@ -79,7 +82,7 @@ class DistillModule(nn.Module):
 
     def __init__(self, teacher, student, store, temperature: float = 1.0, kd_weight: float = 1000.0,
                  weighting: str = "authors", *, selection: str = "last",
-                 select_fn: Callable[[DistillModule], dict] | None = None):
+                 select_fn: Callable[[DistillModule], dict] | None = None, selection_label: str | None = None):
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -101,13 +104,14 @@ class DistillModule(nn.Module):
         self.register_buffer("class_vectors", store.vectors.detach().float().clone(), persistent=False)
         self.temperature, self.kd_weight, self.weighting = float(temperature), float(kd_weight), weighting
         self.selection, self.select_fn = selection, select_fn
+        self._selection_label = selection_label or SELECTIONS[selection]
         self.best_score: float | None = None
         self.best_epoch: int | None = None
         self.best_state: dict[str, Tensor] | None = None
 
     @property
     def selection_label(self) -> str:
-        return SELECTIONS[self.selection]
+        return self._selection_label
 
     def train(self, mode: bool = True):  # type: ignore[override]
         super().train(mode)
@@ -204,26 +208,36 @@ def agreement_selector(loader: Iterable[dict]) -> Callable[[DistillModule], dict
     return select
 
 
-def base_accuracy_selector(loader: Iterable[dict], num_classes: int | None = None) -> Callable[[DistillModule], dict]:
-    """The authors' rule: student accuracy (%) on the base test set, logits over the BASE class vectors.
-
-    ``loader`` yields labelled base-class test images (labels 0..B-1); the base classes are the first
-    ``ceil(N/2)`` of the store (pass ``num_classes`` to override)."""
+def labelled_accuracy_selector(loader: Iterable[dict], rows: Sequence[int] | None = None
+                               ) -> Callable[[DistillModule], dict]:
+    """Student accuracy (%) on labelled images, logits over the class vectors ``rows`` (all when None);
+    label ``k`` means store row ``rows[k]``. The ``val`` rule (validation images) and the authors' ``paper``
+    rule (test images: the base classes in base-to-novel, the target's classes otherwise) use it."""
 
     @torch.no_grad()
     def select(module: DistillModule) -> dict:
         was_training = module.training
         module.eval()
         device = module.class_vectors.device
-        n_base = num_classes or math.ceil(module.class_vectors.shape[0] / 2)
-        base_vectors = module.class_vectors[:n_base]
+        vectors = module.class_vectors if rows is None else module.class_vectors[list(rows)]
         correct = total = 0.0
         for batch in loader:
             images, labels = batch["image"].to(device), batch["label"].to(device)
-            correct += float((module.student_logits(images, base_vectors).argmax(-1) == labels).sum())
+            correct += float((module.student_logits(images, vectors).argmax(-1) == labels).sum())
             total += images.shape[0]
         module.train(was_training)
         correct, total = _sum_over_ranks([correct, total], device)
         return {"score": 100.0 * correct / max(total, 1.0), "images": total}
+
+    return select
+
+
+def base_accuracy_selector(loader: Iterable[dict], num_classes: int | None = None) -> Callable[[DistillModule], dict]:
+    """The authors' base-to-novel rule: accuracy on base-class test images (labels 0..B-1) over the base
+    class vectors, the first ``ceil(N/2)`` rows of the store (``num_classes`` overrides B)."""
+
+    def select(module: DistillModule) -> dict:
+        n_base = num_classes or math.ceil(module.class_vectors.shape[0] / 2)
+        return labelled_accuracy_selector(loader, range(n_base))(module)
 
     return select

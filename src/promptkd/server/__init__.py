@@ -22,6 +22,7 @@ and the server keeps serving. Requests are not run one model call each: images w
 import asyncio
 import base64
 import binascii
+import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from promptkd.runtime import NamedBytes, Predictor, decode_image
+from promptkd.runtime import Predictor, decode_image
 
 
 @dataclass
@@ -288,17 +289,19 @@ def _decode_all(uploads: list[tuple[str, bytes]], cfg: ServeConfig, prepare) -> 
         if not data:
             raise RequestError(400, f"{name}: empty upload")
         try:
-            with Image.open(NamedBytes(data, name)) as probe:  # header only: size before decoding pixels
+            with Image.open(io.BytesIO(data)) as probe:  # header only: size before decoding pixels
                 width, height = probe.size
         except Image.DecompressionBombError as exc:
             raise RequestError(413, f"{name}: too many pixels ({exc})") from exc
+        except Image.UnidentifiedImageError as exc:
+            raise RequestError(400, f"{name}: not an image (Pillow does not recognise its format)") from exc
         except Exception as exc:
             raise RequestError(400, f"{name}: not an image ({type(exc).__name__}: {exc})") from exc
         if width * height > cfg.max_pixels:
             raise RequestError(413, f"{name}: {width}x{height} = {width * height:,} pixels; the limit is "
                                     f"{cfg.max_pixels:,} (--max-pixels)")
         try:
-            images.append(decode_image(data, name))
+            images.append(decode_image(data, name, max_pixels=cfg.max_pixels))
         except ValueError as exc:
             raise RequestError(400, str(exc)) from exc
     return prepare(images)
