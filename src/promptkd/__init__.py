@@ -18,9 +18,14 @@ and the parts they are made of (``load_clip_teacher``, ``build_store``, ``Distil
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# onnxruntime starts its telemetry client when it is imported (it reads this variable then): promptkd
+# contacts nothing on the network, so it is off unless the user set the variable themselves.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 # public name -> module that defines it
 _API: dict[str, str] = {
@@ -71,6 +76,11 @@ _API: dict[str, str] = {
     "evaluate_benchmark": "promptkd.evaluate",
     "load_student": "promptkd.serve",
     "predict": "promptkd.serve",
+    "export_student": "promptkd.serve",
+    "load_predictor": "promptkd.runtime",
+    "resolve_precision": "promptkd.precision",
+    "predict_to_file": "promptkd.batch_predict",
+    "create_app": "promptkd.server",
 }
 
 __all__ = ["__version__", *_API]

@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = [
     "report_cmd",
     "predict_cmd",
     "export_cmd",
+    "serve_cmd",
     "convert_cmd",
 ]
 
