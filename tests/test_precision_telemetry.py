@@ -151,3 +151,16 @@ def test_import_onnxruntime_switches_events_off(monkeypatch):
     monkeypatch.delenv("ORT_DISABLE_TELEMETRY", raising=False)
     assert import_onnxruntime() is ort
     assert calls == [1] and os.environ["ORT_DISABLE_TELEMETRY"] == "1"
+
+
+def test_serving_auto_without_real_check_images_stays_fp32(tmp_path, monkeypatch):
+    from deploy_models import save_colour_student
+    from promptkd.runtime import load_predictor
+
+    student = save_colour_student(tmp_path / "student")
+    path = tmp_path / "cpuinfo"
+    path.write_text(WITH_BF16)
+    real = prec.native_bf16
+    monkeypatch.setattr(prec, "native_bf16", lambda device="cpu", cpuinfo=None, _p=path: real(device, _p))
+    served = load_predictor(student, precision="auto", backend="torch")  # a server: no images to check on
+    assert served.info.precision == "fp32" and "none were given" in " ".join(served.info.notes)

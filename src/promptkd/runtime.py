@@ -284,7 +284,7 @@ def load_predictor(path: str | os.PathLike, *, precision: str = "auto", device: 
 
     ``precision`` (``auto`` | ``fp32`` | ``bf16``) applies to PyTorch models and is resolved by
     :func:`promptkd.precision.resolve_precision` on ``check_images``, else the first ``check_limit``
-    readable ``check_paths``, else a synthetic batch. (A check of n images rejects bf16 only when it sees a
+    readable ``check_paths``; with no real image to check on, ``auto`` stays fp32. (A check of n images rejects bf16 only when it sees a
     disagreement: 200+ images make the 99.5% rule meaningful, at the cost of two passes over them.) An ONNX file runs at the precision it was exported with
     (fp32 or int8); ``bf16`` is refused for it.
 
@@ -316,15 +316,18 @@ def load_predictor(path: str | os.PathLike, *, precision: str = "auto", device: 
     fp32 = TorchPredictor(loaded, "fp32", device)
     if backend == "onnxruntime":
         precision = "fp32"
+    choice = None
     if check_images is None and precision == "auto":
-        from promptkd.precision import native_bf16
+        from promptkd.precision import PrecisionChoice, native_bf16
 
         if native_bf16(device)[0]:  # the check only runs where bf16 is a candidate
             check_images = check_batch_from_files(fp32.image_spec, check_paths, check_limit)
-            if check_images is None:
-                check_images = synthetic_check_batch(fp32.image_spec)
-    choice = resolve_precision(precision, device=device,
-                               check=(lambda dtype: _check_logits(fp32, dtype, check_images)))
+            if check_images is None:  # synthetic images say little about real ones: stay with fp32
+                choice = PrecisionChoice("fp32", "precision auto -> fp32: bf16 is only kept after a check on real "
+                                                 "images, and none were given (--check-images DIR)")
+    if choice is None:
+        choice = resolve_precision(precision, device=device,
+                                   check=(lambda dtype: _check_logits(fp32, dtype, check_images)))
     long_job = expected_images is None or expected_images >= AUTO_ONNX_MIN_IMAGES
     use_ort = backend == "onnxruntime" or (backend == "auto" and choice.precision == "fp32" and long_job
                                            and torch.device(device).type == "cpu")

@@ -39,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="for a folder or bundle: auto (default) serves fp32 on the CPU through onnxruntime (exported "
                         "at start; faster there, same outputs), bf16 and GPUs through PyTorch")
     p.add_argument("--check-images", metavar="FOLDER", default=None,
-                   help="images for the --precision auto check, up to 256 used (default: 64 synthetic images, "
-                        "a weaker check)")
+                   help="real images for the --precision auto check, up to 256 used (without them auto serves "
+                        "fp32: bf16 is only kept after agreeing with fp32 on real images)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the model (default 0: the library's choice)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),

@@ -33,7 +33,7 @@ class EvaluateConfig:
     batch_size: int = 64
     workers: int = 2
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"  # auto: bf16 only where native and agreeing with fp32 on the test images
     trust_checkpoint: bool = False
     arch: str | None = None  # CLIP architecture of a bare state dict (zeroshot)
     progress: bool | None = None  # None: bars on a terminal
