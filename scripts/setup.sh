@@ -18,4 +18,13 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
     echo "note: the demo needs Fashion-MNIST: sudo apt-get install dataset-fashion-mnist" >&2
   fi
 fi
+# headless Chromium + its driver for the served page's browser test (tests/test_server.py)
+if ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null \
+      || echo "warning: could not install chromium/chromium-driver (the browser test will be skipped)" >&2
+  else
+    echo "note: the browser test needs headless Chromium: sudo apt-get install chromium chromium-driver" >&2
+  fi
+fi
 echo "promptkd set up in .venv"

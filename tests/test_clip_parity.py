@@ -31,8 +31,8 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 CAPTIONS = ("a photo of an astronaut", "a cup of coffee on a saucer", "a ginger cat",
             "a rocket on the launch pad at night", "a photo of a dog.")
 
-# A follows OpenAI's head rule (heads = width // 64) so plain state dicts can round-trip; B does not and
-# uses GELU, so only formats that carry a config (HF folder, our safetensors metadata) describe it.
+# A follows OpenAI's head rule (heads = width // 64); B does not and uses GELU. Neither has a known
+# architecture's widths, so a plain state dict of either needs its architecture said (arch=, below).
 SHAPES = {
     "A": dict(vision=dict(hidden_size=128, intermediate_size=512, num_attention_heads=2, num_hidden_layers=2,
                           image_size=32, patch_size=8, hidden_act="quick_gelu"),
@@ -45,6 +45,18 @@ SHAPES = {
                         hidden_act="gelu"),
               projection_dim=40),
 }
+
+
+def open_clip_model_cfg(shape: str) -> dict:
+    """The shape in open_clip's model-config terms (what its model_configs/*.json hold)."""
+    v, t = SHAPES[shape]["vision"], SHAPES[shape]["text"]
+    return {"embed_dim": SHAPES[shape]["projection_dim"], "quick_gelu": v["hidden_act"] == "quick_gelu",
+            "vision_cfg": {"image_size": v["image_size"], "layers": v["num_hidden_layers"], "width": v["hidden_size"],
+                           "head_width": v["hidden_size"] // v["num_attention_heads"], "patch_size": v["patch_size"],
+                           "mlp_ratio": v["intermediate_size"] / v["hidden_size"]},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": t["hidden_size"],
+                         "heads": t["num_attention_heads"], "layers": t["num_hidden_layers"],
+                         "mlp_ratio": t["intermediate_size"] / t["hidden_size"]}}
 
 
 def make_hf_model(shape: str, seed: int = 0):
@@ -173,7 +185,10 @@ def test_openai_named_safetensors_and_bin(openai_case, tmp_path):
     torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in state.items()}},
                tmp_path / "epoch_3.pt")
     for name in ("plain.safetensors", "plain.bin", "epoch_3.pt"):
-        model = load_clip(tmp_path / name)
+        # no known architecture has these widths, so the heads must be said
+        with pytest.raises(ValueError, match="cannot tell how many attention heads.*--arch"):
+            load_clip(tmp_path / name)
+        model = load_clip(tmp_path / name, arch=open_clip_model_cfg("A"))
         assert_same(ours(model, openai_case["images"], openai_case["tokens"]), openai_case["ref"], name)
 
 
@@ -210,7 +225,7 @@ def test_pickles_beyond_tensors_are_refused(openai_case, tmp_path):
     torch.save({"state_dict": openai_case["state"], "extra": _NotATensor()}, path)
     with pytest.raises(UntrustedCheckpointError, match="--trust-checkpoint"):
         load_clip(path)
-    load_clip(path, trust_checkpoint=True)  # the user's explicit opt-in
+    load_clip(path, trust_checkpoint=True, arch=open_clip_model_cfg("A"))  # the user's explicit opt-in
     # a HF pytorch_model.bin is never fully unpickled, even when trusted
     folder = tmp_path / "hf"
     folder.mkdir()
@@ -234,7 +249,7 @@ def test_broken_state_dicts_name_file_and_key(openai_case, tmp_path):
         path = tmp_path / f"{name}.safetensors"
         save_file(broken, str(path))
         with pytest.raises(ValueError, match=pattern) as info:
-            load_clip(path)
+            load_clip(path, arch=open_clip_model_cfg("A"))
         assert str(path) in str(info.value), name
 
 

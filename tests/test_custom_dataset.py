@@ -49,15 +49,15 @@ def world(tmp_path_factory):
 
 
 def test_custom_presets_hold_the_papers_settings():
-    from promptkd.cli import distill_cmd, teacher_cmd
+    from promptkd.stages import distill_settings, teacher_settings
 
-    paper_student = distill_cmd.resolve_config("distill/base2novel/caltech101", [], 1)
-    student = distill_cmd.resolve_config("distill/custom", ["data.dataset=folder:x"], 1)
+    paper_student = distill_settings("distill/base2novel/caltech101")
+    student = distill_settings("distill/custom", ["data.dataset=folder:x"])
     assert (student["protocol"], student["data"]["dataset"]) == ("custom", "folder:x")
     for key in ("student", "method", "train"):
         assert student[key] == paper_student[key], key
-    paper_teacher = teacher_cmd.resolve_config("teacher/base2novel", [], 1)
-    teacher = teacher_cmd.resolve_config("teacher/custom", [], 1)
+    paper_teacher = teacher_settings("teacher/base2novel")
+    teacher = teacher_settings("teacher/custom")
     assert teacher["data"]["classes"] == "all"  # a deployment learns every class
     assert {**teacher, "data": paper_teacher["data"]} == paper_teacher
 

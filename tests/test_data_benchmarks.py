@@ -1,4 +1,5 @@
-"""Benchmarks: every layout through a tiny fixture, and the real split files reproduce the paper's counts."""
+"""Benchmarks: every layout through a tiny fixture, and the real split files (packaged with promptkd)
+reproduce the paper's counts."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from promptkd.data.benchmarks import (
     packaged_asset,
 )
 from promptkd.data.fixtures import layout_placeholders, make_fixture, make_image_folder, make_unlabelled_folder
+from promptkd.data.split_files import packaged_bytes
 from promptkd.data.splits import base_novel_split
 
+# the project's reference copies, outside the repository: only for checking the packaged ImageNet subsets
 SPLITS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "splits"
 
 # The paper's train / test-base / test-novel counts and class counts (copied by hand from the paper's
@@ -34,15 +37,6 @@ PAPER = {
     "DTD": (2820, 864, 828, 47),
     "EuroSAT": (13500, 4200, 3900, 10),
     "UCF101": (7639, 1934, 1849, 101),
-}
-SPLIT_FILES = {
-    "Caltech101": "split_zhou_Caltech101.json",
-    "OxfordPets": "split_zhou_OxfordPets.json",
-    "StanfordCars": "split_zhou_StanfordCars.json",
-    "Flowers102": "split_zhou_OxfordFlowers.json",
-    "DTD": "split_zhou_DescribableTextures.json",
-    "EuroSAT": "split_zhou_EuroSAT.json",
-    "UCF101": "split_zhou_UCF101.json",
 }
 
 
@@ -114,10 +108,9 @@ def test_packaged_subsets_match_reference_indices(subset):
     assert [wnids_1k[i] for i in indices] == packaged_asset(f"imagenet_{subset}_synsets.txt").read_text().split()
 
 
-@pytest.mark.skipif(not SPLITS_DIR.is_dir(), reason=f"shared reference splits not found at {SPLITS_DIR}")
 @pytest.mark.parametrize("name", list(PAPER))
 def test_real_split_files_reproduce_paper_counts(tmp_path, name):
-    layout_placeholders(tmp_path, name, SPLITS_DIR / SPLIT_FILES[name])  # empty files: nothing is decoded
+    layout_placeholders(tmp_path, name)  # the packaged split file + an empty file per entry: nothing is decoded
     bench = load_benchmark(tmp_path, name)
     halves = base_novel_split(bench)
     train, test_base, test_novel, classes = PAPER[name]
@@ -125,7 +118,7 @@ def test_real_split_files_reproduce_paper_counts(tmp_path, name):
         train, test_base, test_novel, classes)
     assert len(halves.base.classnames) == math.ceil(classes / 2)
     if name == "Flowers102":  # split names agree with the dataset's cat_to_name map (label = category - 1)
-        cat_to_name = json.loads((SPLITS_DIR / "oxford_flowers_cat_to_name.json").read_text())
+        cat_to_name = json.loads(packaged_bytes("oxford_flowers_cat_to_name.json"))
         assert bench.classnames == [cat_to_name[str(i + 1)] for i in range(classes)]
 
 

@@ -65,3 +65,31 @@ def test_check_exit_codes(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path), "--dataset", "NoSuchSet"]) == 2
     assert main(["data", "list"]) == 0
     assert "imagenet-adversarial/imagenet-a" in capsys.readouterr().out
+
+
+def test_strict_verdict_is_the_same_in_the_table_and_the_exit_code(tmp_path, capsys):
+    make_fixture(tmp_path, "Flowers102", classes=2)  # healthy, but its counts are not the paper's
+
+    def status_cell() -> str:
+        row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("Flowers102"))
+        return row.split("  ")[-1].strip()
+
+    assert main(["data", "check", str(tmp_path)]) == 0
+    assert status_cell() == "ok"
+    assert main(["data", "check", str(tmp_path), "--strict", "--json", str(tmp_path / "r.json")]) == 1
+    assert status_cell() == "5 count(s) differ from the paper (--strict)"
+    (report,) = json.loads((tmp_path / "r.json").read_text())
+    assert report["ok"] is False and report["strict"] is True
+
+
+def test_fixture_arguments_have_help_with_their_defaults(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "fixture", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "root data root to write into" in text
+    assert "--classes CLASSES classes per dataset (default 4)" in text
+    assert "--per-class PER_CLASS train images per class (default 3)" in text
+    assert "--dataset NAME benchmark whose layout to copy" in text

@@ -14,10 +14,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from promptkd import artifacts, config  # noqa: E402
-from promptkd.cli import distill_cmd, main  # noqa: E402
+from promptkd.cli import main  # noqa: E402
 from promptkd.data.fixtures import make_fixture  # noqa: E402
 from promptkd.models.clip import tiny_clip  # noqa: E402
 from promptkd.models.weights import save_clip  # noqa: E402
+from promptkd.stages import distillation as distill_stage  # noqa: E402
 from promptkd.store import build_store  # noqa: E402
 from test_distill_module import IMAGE, TinyTeacher  # noqa: E402
 
@@ -29,7 +30,7 @@ def test_every_preset_resolves_with_the_papers_settings():
     names = [n for n in config.preset_names() if n.startswith("distill/") and n != "distill/custom"]  # own data
     assert len(names) == 11 + 10 + 4
     for name in names:
-        cfg = distill_cmd.resolve_config(name, [], seed=1)
+        cfg = distill_stage.distill_settings(name)
         protocol, dataset = name.split("/")[1:]
         assert cfg["protocol"] == protocol and cfg["data"]["dataset"].lower() == dataset
         assert cfg["data"]["unlabelled"] == "transductive" and cfg["method"]["selection"] == "last"
@@ -42,12 +43,13 @@ def test_every_preset_resolves_with_the_papers_settings():
 
 
 def test_bad_configs_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match="selection=paper .* only exists for base2novel"):
-        distill_cmd.resolve_config("distill/cross_dataset/dtd", ["method.selection=paper"], 1)
+    settings = distill_stage.distill_settings
+    with pytest.raises(ValueError, match="selection=paper reads a labelled dataset"):
+        settings("distill/custom", ["method.selection=paper", "data.unlabelled=folder", "data.folder=x"])
     with pytest.raises(ValueError, match="data.unlabelled=folder needs data.folder"):
-        distill_cmd.resolve_config("distill/base2novel/dtd", ["data.unlabelled=folder"], 1)
-    with pytest.raises(ValueError, match="unknown config key 'method.kd_wieght'"):
-        distill_cmd.resolve_config("distill/base2novel/dtd", ["method.kd_wieght=3"], 1)
+        settings("distill/base2novel/dtd", ["data.unlabelled=folder"])
+    with pytest.raises(ValueError, match="unknown key 'method.kd_wieght' \\(did you mean 'method.kd_weight'\\?\\)"):
+        settings("distill/base2novel/dtd", ["method.kd_wieght=3"])
 
 
 @pytest.fixture
@@ -85,9 +87,9 @@ def test_distill_run_writes_config_logs_and_a_student_artefact(setup, capsys):
     assert meta["selection"]["selected_epoch"] in (1, 2) and meta["protocol"] == "base2novel"
     assert meta["class_names"] == fx.classnames and (out / artifacts.STORE).is_file()
     assert "distill: DTD transductive: 12 unlabelled images (+4 held out)" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # a second run into the same folder needs --resume
+    with pytest.raises(SystemExit):  # a finished run is never replaced silently
         sys.exit(main([*base, "--out", str(out)]))
-    assert "pass --resume" in capsys.readouterr().err
+    assert "holds a finished run (adapter.json); pass --overwrite" in capsys.readouterr().err
 
 
 def test_paper_selection_is_labelled_and_interrupted_runs_resume(setup):
@@ -125,8 +127,8 @@ def test_unlabelled_streams_transductive_inductive_folder_and_holdout(tmp_path):
     spec = ImageSpec(size=IMAGE)
 
     def stream(*overrides):
-        cfg = distill_cmd.resolve_config("distill/base2novel/dtd", list(overrides), seed=1)
-        return distill_cmd.build_data(cfg, str(tmp_path / "data"), store, spec)
+        cfg = distill_stage.distill_settings("distill/base2novel/dtd", list(overrides))
+        return distill_stage.build_training_data(cfg, str(tmp_path / "data"), store, spec)
 
     data, select_fn, info = stream()
     assert info == {"source": "DTD transductive", "images": 16, "held_out": 0} and select_fn is None
@@ -147,5 +149,5 @@ def test_unlabelled_streams_transductive_inductive_folder_and_holdout(tmp_path):
 
     other = ClassVectorStore(store.vectors, [*fx.classnames[:3], "zebra"], 100.0)
     with pytest.raises(ValueError, match="class vectors do not match the DTD dataset's classes"):
-        distill_cmd.build_data(distill_cmd.resolve_config("distill/base2novel/dtd", [], 1), str(tmp_path / "data"),
-                               other, spec)
+        distill_stage.build_training_data(distill_stage.distill_settings("distill/base2novel/dtd"),
+                                          str(tmp_path / "data"), other, spec)

@@ -142,3 +142,29 @@ def test_unreadable_test_image_stops_with_its_name(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert victim in err and "Traceback" not in err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_auto_checks_bf16_on_the_test_images(setup, monkeypatch, capsys, native):
+    from promptkd import precision as prec
+
+    root, _, _ = setup
+    monkeypatch.setattr(prec, "native_bf16", lambda device="cpu", cpuinfo=None: (native, "faked for the test"))
+    out = root / "runs" / f"auto_{native}"
+    assert main(["evaluate", "--model", "student", "--artefact", str(root / "student"), "--data-root",
+                 str(root / "data"), "--dataset", "Caltech101", "--protocol", "base2novel", "--out", str(out),
+                 "--device", "cpu", "--workers", "0"]) == 0  # --precision auto is the default
+    err = capsys.readouterr().err
+    if native:  # the check ran on the 15 test images and reported its agreement
+        assert "evaluate: auto -> " in err and "agreement with fp32" in err
+    else:
+        assert "evaluate: auto -> fp32: faked for the test" in err
+    fp32 = root / "runs" / f"fp32_{native}"
+    assert main(["evaluate", "--model", "student", "--artefact", str(root / "student"), "--data-root",
+                 str(root / "data"), "--dataset", "Caltech101", "--protocol", "base2novel", "--out", str(fp32),
+                 "--device", "cpu", "--workers", "0", "--precision", "fp32"]) == 0
+    got, want = (json.loads((d / "results.json").read_text())["metrics"] for d in (out, fp32))
+    if not native or "auto -> fp32" in err:
+        assert got == want
+    else:
+        assert abs(got["hm"] - want["hm"]) <= 100 / 15 * 2  # at most a couple of images may change

@@ -124,15 +124,15 @@ def test_predict_cli_json_and_text(student_dir, tmp_path, capsys):
     paths = _images(tmp_path, 2)
     assert main(["predict", *paths, "--student", str(folder), "--top-k", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [d["image"] for d in data] == paths and all(len(d["predictions"]) == 2 for d in data)
+    assert [d["path"] for d in data] == paths and all(len(d["predictions"]) == 2 for d in data)
     assert all(d["predictions"][0]["probability"] >= d["predictions"][1]["probability"] for d in data)
     assert main(["predict", str(tmp_path), "--student", str(folder), "--top-k", "1", "--json"]) == 0  # a folder
-    assert sorted(d["image"] for d in json.loads(capsys.readouterr().out)) == sorted(paths)
+    assert sorted(d["path"] for d in json.loads(capsys.readouterr().out)) == sorted(paths)
     assert main(["predict", paths[0], "--student", str(folder), "--top-k", "9"]) == 0  # k clipped to 4 classes
     out = capsys.readouterr().out.splitlines()
     assert out[0] == paths[0] and len(out) == 5 and out[1].lstrip().startswith("1. ")
-    assert main(["predict", str(tmp_path / "missing.png"), "--student", str(folder)]) == 2
-    assert "missing.png" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "missing.png"), "--student", str(folder)]) == 1  # listed, exit 1
+    assert "missing.png: file not found" in capsys.readouterr().err
 
 
 def test_onnx_export_matches_pytorch(student_dir, tmp_path):
@@ -189,8 +189,8 @@ def test_unreadable_image_is_named(student_dir, tmp_path, capsys):
     folder, _, _ = student_dir
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 truncated")
-    assert main(["predict", str(bad), "--student", str(folder)]) == 2
-    assert "broken.jpg" in capsys.readouterr().err
+    assert main(["predict", str(bad), "--student", str(folder)]) == 1  # listed with the reason, exit 1
+    assert "broken.jpg: cannot decode image" in capsys.readouterr().err
 
 
 # --- the real CLIP student: prediction never builds a text tower nor loads the tokenizer ----------------

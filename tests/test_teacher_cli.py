@@ -1,5 +1,7 @@
 """`promptkd train-teacher`, `class-vectors` and `convert-teacher` on a tiny fixture and tiny CLIP files."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,11 +42,16 @@ def test_train_teacher_interrupted_then_resumed_then_class_vectors(world, capsys
     assert not (out / "adapter.json").exists() and (out / "checkpoints" / "last.pt").is_file()
     assert _cli([*base, "--seed", "2", *FAST]) == 2  # an earlier run is never overwritten silently
     assert "pass --resume" in capsys.readouterr().err
-    assert _cli([*base, "--resume", "--set", "train.lr=0.1"]) == 2  # a setting that changes the result
-    assert "train.lr" in capsys.readouterr().err
-    assert _cli([*base, "--resume"]) == 0  # the saved config is reused, the stop point is not
+    for changes_what_was_learnt in ("data.shots=3", "teacher.n_ctx_text=2", "train.batch_size=4"):
+        assert _cli([*base, "--resume", "--set", changes_what_was_learnt]) == 2
+        assert changes_what_was_learnt.split("=")[0] in capsys.readouterr().err
+    # the schedule may change on resume (a lower lr after a NaN stop) and is recorded in the log
+    assert _cli([*base, "--resume", "--set", "train.lr=0.004"]) == 0  # the saved config is reused, the stop point is not
     saved = cfgmod.load_yaml(out / "config.yaml")
     assert saved["train"]["seed"] == 2 and saved["data"]["classes"] == "base" and saved["train"]["max_steps"] is None
+    assert saved["train"]["lr"] == 0.004
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["changes"] for r in records if r["type"] == "resume_changes"] == [["train.lr: 0.005 -> 0.004"]]
     teacher, meta = teacher_io.load_teacher(out)
     assert meta["class_names"] == ["face", "leopard"]  # the 2 base classes of the 4-class fixture
     assert meta["config"]["method"]["method"] == "promptsrc" and meta["selection"] == "gpa"
@@ -116,11 +123,14 @@ def test_convert_teacher_needs_trust_and_reproduces_hand_set_prompts(world, caps
 
 @pytest.mark.parametrize("preset,classes", [("teacher/base2novel", "base"), ("teacher/imagenet_all", "all")])
 def test_presets_hold_the_papers_teacher_settings(preset, classes):
-    from promptkd.cli.teacher_cmd import resolve_config
     from promptkd.methods.promptsrc import resolve_templates
+    from promptkd.stages import teacher_settings
+
+    def resolve_config(preset, overrides, seed):
+        return teacher_settings(preset, [*overrides, f"train.seed={seed}"])
 
     cfg = resolve_config(preset, [], seed=3)
-    assert cfg["data"] == {"classes": classes, "shots": 16, "on_bad_image": "skip"}
+    assert cfg["data"] == {"classes": classes, "shots": 16, "on_bad_image": "skip", "max_image_pixels": 89_478_485}
     assert cfg["teacher"] == {"n_ctx_text": 4, "text_depth": 9, "ctx_init": "a photo of a", "n_ctx_vision": 4,
                               "vision_depth": 9}
     m, t = cfg["method"], cfg["train"]
@@ -129,5 +139,5 @@ def test_presets_hold_the_papers_teacher_settings(preset, classes):
     assert (t["epochs"], t["batch_size"], t["lr"], t["warmup_epochs"], t["warmup_lr"], t["seed"]) == (20, 8, 0.005, 1, 1e-5, 3)
     coop = resolve_config(preset, ["method.method=coop"], seed=1)
     assert (coop["teacher"]["text_depth"], coop["teacher"]["vision_depth"]) == (1, 0)
-    with pytest.raises(ValueError, match="unknown config key 'teacher.depth'"):
+    with pytest.raises(ValueError, match="unknown key 'teacher.depth'"):
         resolve_config(preset, ["teacher.depth=3"], seed=1)

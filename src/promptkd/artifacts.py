@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from promptkd.models.backbones import AdapterMixin, build_from_identity
+from promptkd.fileio import atomic_save_with, atomic_write_json, read_json
+from promptkd.models.backbones import AdapterMixin, IdentityError, build_from_identity
 
 FORMAT = "promptkd.adapter.v1"
 TENSORS = "adapter.safetensors"
@@ -42,11 +42,14 @@ def save_adapter(
     config: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write adapter.safetensors + adapter.json (+ class_vectors.safetensors when a store is given)."""
+    """Write adapter.safetensors + adapter.json (+ class_vectors.safetensors when a store is given).
+
+    Every file is written atomically with the mode a plain ``open()`` gives (the umask's), and
+    adapter.json last, so a folder with an adapter.json is complete."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in model.adapter_state_dict().items()}
-    save_file(tensors, str(out / TENSORS), metadata={"format": FORMAT, "role": role})
+    atomic_save_with(out / TENSORS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "role": role}))
     meta: dict[str, Any] = {
         "format": FORMAT,
         "role": role,
@@ -59,10 +62,10 @@ def save_adapter(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if store is not None:
-        store.save(out / STORE)
+        atomic_save_with(out / STORE, store.save)
         meta["store_fingerprint"] = store.fingerprint()
     meta.update(extra or {})
-    (out / META).write_text(json.dumps(meta, indent=2, sort_keys=False, default=str))
+    atomic_write_json(out / META, meta, default=str)
     return out
 
 
@@ -73,10 +76,9 @@ def read_meta(path: str | Path) -> tuple[Path, dict]:
     meta_path = folder / META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder}: no {META} here (not a promptkd artefact folder)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{meta_path}: invalid JSON ({exc})") from exc
+    meta = read_json(meta_path, "artefact metadata")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: unknown artefact format {meta.get('format')!r}, expected {FORMAT}")
     return folder, meta
@@ -93,6 +95,9 @@ def load_adapter(path: str | Path, role: str | None = None, **builder_options) -
     digest = file_sha256(tensor_path)
     if meta.get("adapter_sha256") and digest != meta["adapter_sha256"]:
         raise ValueError(f"{tensor_path}: checksum differs from {META} (file changed or corrupt)")
-    model = build_from_identity(meta["backbone"], meta["role"], **builder_options)
+    try:
+        model = build_from_identity(meta["backbone"], meta["role"], **builder_options)
+    except IdentityError as exc:
+        raise IdentityError(f"{folder / META}: {exc}") from None
     model.load_adapter_state_dict(load_file(str(tensor_path)), source=str(tensor_path))
     return model, meta

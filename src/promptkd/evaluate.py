@@ -363,19 +363,23 @@ def evaluate_benchmark(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     progress: bool = True,
+    max_image_pixels: int | None = None,
 ) -> EvalResult:
     """Features of every test image of ``bench`` (once), then the protocol's metrics."""
     from promptkd.data.loader import BadImageError, LabelledImages, make_loader
     from promptkd.serve import preprocess_for
 
     check_protocol_dataset(protocol, bench)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision not in (*PRECISIONS, "auto"):
+        raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, not {precision!r}")
     # a test image that cannot be read must stop the evaluation, not be replaced by another one
-    dataset = LabelledImages(bench.test, preprocess_for(classifier.image_spec), on_bad_image="error")
+    limit = {"max_image_pixels": max_image_pixels} if max_image_pixels else {}
+    dataset = LabelledImages(bench.test, preprocess_for(classifier.image_spec), on_bad_image="error", **limit)
     if len(dataset) == 0:  # say which dataset (extract_features alone cannot)
         raise ValueError(f"{bench.name}: the test split is empty: nothing to evaluate")
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+    if precision == "auto":
+        precision = auto_precision(classifier, dataset, device).precision
     try:
         feats, labels = extract_features(classifier.encode_image, loader, device=device,
                                          amp_dtype=PRECISIONS[precision], progress=progress,
@@ -385,6 +389,33 @@ def evaluate_benchmark(
     return evaluate_features(feats, labels, classifier.store, bench.classnames, protocol, dataset=bench.name,
                              seed=seed, model=classifier.model, selection=classifier.selection,
                              imagenet_indices=bench.imagenet_indices, source=classifier.source)
+
+
+CHECK_IMAGES = 256  # test images the bf16-vs-fp32 check of precision=auto reads
+
+
+def auto_precision(classifier: ImageClassifier, dataset, device: torch.device | str):
+    """``precision=auto`` for an evaluation: bf16 only on a device with native bf16 and when the top-1 class
+    agrees with fp32 on >= 99.5% of the first test images (:func:`promptkd.precision.resolve_precision`)."""
+    import sys
+
+    from promptkd.precision import native_bf16, resolve_precision
+
+    device = torch.device(device)
+    if not native_bf16(device)[0]:
+        choice = resolve_precision("auto", device=device)
+    else:
+        images = torch.stack([dataset[i]["image"] for i in range(min(CHECK_IMAGES, len(dataset)))]).to(device)
+        vectors = classifier.store.vectors.to(device)
+
+        @torch.no_grad()
+        def check(p: str) -> Tensor:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=p == "bf16"):
+                return torch.nn.functional.normalize(classifier.encode_image(images).float(), dim=-1) @ vectors.t()
+
+        choice = resolve_precision("auto", device=device, check=check)
+    print(f"evaluate: {choice.reason}", file=sys.stderr)
+    return choice
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,7 +461,7 @@ def teacher_classifier(path: str | Path, class_names: Sequence[str], *, device: 
 
 
 def zeroshot_classifier(clip_weights: str | Path, bench, *, device: torch.device | str = "cpu",
-                        templates: str = "coop", trust_checkpoint: bool = False) -> ImageClassifier:
+                        templates: str = "coop", trust_checkpoint: bool = False, **load_options) -> ImageClassifier:
     """Frozen CLIP: un-prompted image tower + frozen text tower over a template set (CoOp's by default,
     as the paper's CLIP rows)."""
     from promptkd.methods.templates import template_set
@@ -439,7 +470,8 @@ def zeroshot_classifier(clip_weights: str | Path, bench, *, device: torch.device
     from promptkd.models.prompts import PromptConfig
 
     no_prompts = PromptConfig(n_ctx_text=0, text_depth=0, ctx_init=None, n_ctx_vision=0, vision_depth=0)
-    clip = load_clip_teacher(clip_weights, no_prompts, trust_checkpoint=trust_checkpoint, device=device).eval()
+    clip = load_clip_teacher(clip_weights, no_prompts, trust_checkpoint=trust_checkpoint, device=device,
+                             **load_options).eval()
     store = zeroshot_store(clip, bench.classnames, template_set(templates, bench.name))
 
     def encode(images: Tensor) -> Tensor:

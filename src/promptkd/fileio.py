@@ -39,6 +39,9 @@ def temporary_path(path: str | os.PathLike) -> Path:
 class OutputError(OSError):
     """An OS error while writing, with the path in a one-line message."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
 
 def describe_os_error(exc: OSError, path: str | os.PathLike, action: str = "cannot write") -> str:
     reason = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",

@@ -110,10 +110,11 @@ def load_student(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 
 def preprocess_for(spec: ImageSpec):
-    """The test-time transform of a backbone: resize (short side) + centre crop + normalisation."""
-    from promptkd.data.transforms import Preprocess
+    """The test-time transform of a backbone: resize (short side) + centre crop + normalisation, giving
+    ``spec.channels`` channels (the demo's grey students take the luminance)."""
+    from promptkd.runtime import Preparer
 
-    return Preprocess.from_spec(spec)
+    return Preparer(spec).one
 
 
 @dataclass
@@ -173,20 +174,23 @@ def export_onnx(loaded: LoadedStudent, out: str | os.PathLike, *, output: str = 
 
     Uses the TorchScript-based exporter (``dynamo=False``): it needs no ``onnxscript``. The batch
     axis is dynamic; the image size is the student's ``image_spec.size``."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from promptkd.fileio import atomic_save_with
+
     model = loaded.classifier(output).cpu().eval()
     size = loaded.image_spec.size
     dummy = torch.zeros(batch_size, loaded.image_spec.channels, size, size)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's notice
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # input shape checks, fixed at trace
-        torch.onnx.export(
-            model, (dummy,), str(out), dynamo=False, input_names=["images"], output_names=[output],
-            dynamic_axes={"images": {0: "batch"}, output: {0: "batch"}}, opset_version=opset,
-        )
-    _annotate_onnx(out, loaded, output)
-    return out
+
+    def write(name: str) -> None:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's notice
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # input shape checks, fixed at trace
+            torch.onnx.export(
+                model, (dummy,), name, dynamo=False, input_names=["images"], output_names=[output],
+                dynamic_axes={"images": {0: "batch"}, output: {0: "batch"}}, opset_version=opset,
+            )
+        _annotate_onnx(Path(name), loaded, output)
+
+    return atomic_save_with(out, write)
 
 
 def _annotate_onnx(path: Path, loaded: LoadedStudent, output: str) -> None:
@@ -214,11 +218,18 @@ def _spec_json(spec: ImageSpec) -> dict:
     return d
 
 
-def save_bundle(loaded: LoadedStudent, out: str | os.PathLike) -> Path:
-    """One safetensors file: the full student (frozen weights too), class vectors, JSON metadata."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in loaded.student.state_dict().items()}
+def save_bundle(loaded: LoadedStudent, out: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """One safetensors file: the full student (frozen weights too), class vectors, JSON metadata.
+
+    ``dtype=torch.bfloat16`` stores the model's floating-point tensors in bf16 (half the size; they are
+    read back into fp32 parameters); the class vectors stay fp32."""
+    from promptkd.fileio import atomic_save_with
+
+    def cast(v: Tensor) -> Tensor:
+        v = v.detach().cpu()
+        return v.to(dtype) if dtype is not None and v.is_floating_point() else v
+
+    tensors = {f"model.{k}": cast(v).contiguous() for k, v in loaded.student.state_dict().items()}
     tensors["class_vectors"] = loaded.store.vectors.detach().cpu().float().contiguous()
     identity = loaded.meta.get("backbone") or loaded.student.identity()
     meta = {
@@ -230,8 +241,9 @@ def save_bundle(loaded: LoadedStudent, out: str | os.PathLike) -> Path:
         "image_spec": json.dumps(_spec_json(loaded.image_spec)),
         "adapter": json.dumps(loaded.meta, default=str),
     }
-    save_file(_dedupe_shared(tensors), str(out), metadata=meta)
-    return out
+    if dtype is not None:
+        meta["dtype"] = str(dtype).replace("torch.", "")
+    return atomic_save_with(out, lambda name: save_file(_dedupe_shared(tensors), name, metadata=meta))
 
 
 def _dedupe_shared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -270,3 +282,76 @@ def load_bundle(path: str | os.PathLike) -> LoadedStudent:
     store = ClassVectorStore(tensors["class_vectors"].float(), json.loads(meta["class_names"]),
                              float(meta["logit_scale"]), json.loads(meta.get("teacher", "{}")))
     return LoadedStudent(student, store, json.loads(meta.get("adapter", "{}")), str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# the export command as one library call
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    num_classes: int
+    precision: str
+    notes: list[str]
+
+    def line(self) -> str:
+        size = self.path.stat().st_size / 2**20
+        return f"wrote {self.path} ({size:.1f} MiB, {self.num_classes} classes, {self.precision})"
+
+
+def export_student(student: str | os.PathLike, out: str | os.PathLike, *, fmt: str, output: str = "probabilities",
+                   opset: int = 17, quantize: str | None = None, calibration: str | None = None,
+                   data_root: str | None = None, calibration_size: int = 128, quantize_mode: str = "auto",
+                   precision: str = "auto", **builder_options) -> ExportReport:
+    """``promptkd export``: ONNX (fp32 or int8) or a self-contained safetensors bundle (fp32 or bf16).
+
+    ``precision=auto`` stores fp32: the file runs on machines this process cannot see, and
+    ``predict``/``serve --precision auto`` choose bf16 where they run. ``quantize="int8"`` (ONNX only) is
+    static with ``calibration`` images (a folder, or a dataset with ``data_root``), else dynamic."""
+    from promptkd.precision import PRECISION_CHOICES
+
+    if fmt not in ("onnx", "safetensors"):
+        raise ValueError(f"--format must be onnx or safetensors, not {fmt!r}")
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, not {precision!r}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"--quantize must be int8, not {quantize!r}")
+    if quantize and fmt != "onnx":
+        raise ValueError("--quantize int8 applies to --format onnx (onnxruntime runs the int8 graph)")
+    if quantize and precision == "bf16":
+        raise ValueError("--quantize int8 and --precision bf16 exclude each other")
+    if calibration and not quantize:
+        raise ValueError("--calibration is only used with --quantize int8")
+    if fmt == "onnx" and precision == "bf16":
+        raise ValueError("--precision bf16 is not offered for ONNX (onnxruntime's CPU kernels are fp32/int8): "
+                         "use --quantize int8 for a smaller, faster file")
+    notes = []
+    if precision == "auto":
+        notes.append("precision auto -> fp32: an exported file runs on machines this one cannot check; "
+                     "`promptkd predict/serve --precision auto` pick bf16 where it pays")
+    loaded = load_student(student, **builder_options)
+    if fmt == "safetensors":
+        dtype = torch.bfloat16 if precision == "bf16" else None
+        path = save_bundle(loaded, out, dtype=dtype)
+        return ExportReport(path, loaded.store.num_classes, "bf16" if dtype else "fp32", notes)
+    if not quantize:
+        path = export_onnx(loaded, out, output=output, opset=opset)
+        return ExportReport(path, loaded.store.num_classes, "fp32", notes)
+    from promptkd.quantize import export_int8
+
+    path, record = export_int8(loaded, out, calibration=calibration, data_root=data_root,
+                               calibration_size=calibration_size, mode=quantize_mode, output=output, opset=opset)
+    if record["mode"] == "dynamic" and not calibration:
+        notes.append("no --calibration images: dynamic int8 (activation ranges computed per batch)")
+    else:
+        notes.append(f"static int8 calibrated on {record.get('calibration_images')} images "
+                     f"from {record.get('calibration_source')}")
+    return ExportReport(path, loaded.store.num_classes, "int8", notes)
+
+
+def resolve_precision(requested: str, **kwargs):
+    """See :func:`promptkd.precision.resolve_precision` (re-exported here for serving code)."""
+    from promptkd.precision import resolve_precision as resolve
+
+    return resolve(requested, **kwargs)

@@ -14,10 +14,12 @@ SUBCOMMAND_MODULES = [
     "teacher_cmd",
     "class_vectors_cmd",
     "distill_cmd",
+    "teacher_cache_cmd",
     "evaluate_cmd",
     "report_cmd",
     "predict_cmd",
     "export_cmd",
+    "serve_cmd",
     "convert_cmd",
 ]
 
@@ -46,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+        parser.print_usage(sys.stderr)
+        print("promptkd: error: a command is required (promptkd --help lists them)", file=sys.stderr)
+        return 2
     try:
         result = args.func(args)
     except KeyboardInterrupt:
@@ -59,19 +62,38 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except (FileNotFoundError, ValueError, PermissionError) as exc:
+    except (ValueError, OSError) as exc:  # bad input, a missing or unwritable file: one line naming it
         if getattr(args, "debug", False):
             raise
-        print(f"promptkd {args.command}: error: {exc}", file=sys.stderr)
+        _close_progress_bars()
+        print(f"promptkd {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         from promptkd.engine.loop import NonFiniteLossError
 
         if not isinstance(exc, NonFiniteLossError) or getattr(args, "debug", False):
             raise
+        _close_progress_bars()
         print(f"promptkd {args.command}: error: {exc}", file=sys.stderr)  # names the step; checkpoint kept
         return 3
     return int(result or 0)
+
+
+def _close_progress_bars() -> None:
+    """An error ends the run mid-bar: close open bars so the error starts on its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in str(exc):
+        return f"{exc.filename}: {exc.strerror or exc}"
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

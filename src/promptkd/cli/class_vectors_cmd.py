@@ -1,11 +1,10 @@
 """``promptkd class-vectors``: run the prompted teacher's text tower ONCE over every class name of a
-dataset (base and novel) and store the L2-normalised class vectors for stage 2 and inference."""
+dataset (base and novel) and store the L2-normalised class vectors for stage 2 and inference
+(:func:`promptkd.stages.build_class_vectors` does the work)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,37 +23,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--class-names", help="text file with one class name per line, in label order")
     p.add_argument("--data-root", help=DATA_ROOT_HELP)
     p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--clip-weights", help="CLIP weights (overrides the path recorded in the teacher artefact)")
     p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow unpickling a checkpoint that is not a plain tensor file (only if you trust it)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
-    p.add_argument("--batch-size", type=int, default=256, help="class names per text-tower batch")
+                   help="allow unpickling a checkpoint named here that is not a plain tensor file (only if you trust it)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="class names per text-tower batch (default %(default)s)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
 
 
-def dataset_class_names(data_root: str | None, dataset: str) -> list[str]:
-    """Every class of a benchmark in label order (base classes first, then novel)."""
-    from promptkd.data.benchmarks import load_benchmark
-
-    return list(load_benchmark(data_root, dataset, check_files=False).classnames)
-
-
 def run(args: argparse.Namespace) -> int:
-    from promptkd.engine.loop import resolve_device
-    from promptkd.methods.teacher_io import compute_class_vectors, load_teacher, read_class_names
+    from promptkd.stages import ClassVectorsConfig, build_class_vectors
 
-    names = (read_class_names(args.class_names) if args.class_names
-             else dataset_class_names(args.data_root, args.dataset))
-    teacher, meta = load_teacher(args.teacher, weights=args.clip_weights, trust_checkpoint=args.trust_checkpoint)
-    teacher = teacher.to(resolve_device(args.device))
-    store = compute_class_vectors(teacher, names, batch_size=args.batch_size)
-    out = store.save(Path(args.out))
-    trained_on = meta.get("class_names") or []
-    extra = ""
-    if trained_on:
-        seen = len(set(trained_on) & set(names))
-        extra = f"; {seen} of them among the teacher's {len(trained_on)} training classes"
-    print(f"class-vectors: {store.num_classes} classes x {store.dim} dims, logit scale {store.logit_scale:.4g}"
-          f"{extra} -> {out} (fingerprint {store.fingerprint()})", file=sys.stderr)
+    build_class_vectors(ClassVectorsConfig(
+        teacher=args.teacher, out=args.out, dataset=args.dataset, class_names=args.class_names,
+        data_root=args.data_root, clip_weights=args.clip_weights, trust_checkpoint=args.trust_checkpoint,
+        device=args.device, batch_size=args.batch_size, overwrite=args.overwrite))
     return 0

@@ -1,7 +1,9 @@
 """``promptkd convert SRC DST.safetensors``: any CLIP checkpoint we read -> one plain safetensors file.
 
 The main use is OpenAI's released ``.pt`` files: they are TorchScript archives, and loading one runs code
-stored in it. Convert once with ``--trust-checkpoint``; afterwards only the tensor file is read.
+stored in it. Convert once with ``--trust-checkpoint``; afterwards only the tensor file is read. The output
+records the resolved architecture (heads, activation, normalisation), so it loads alone: an open_clip
+state dict converted with ``--arch ViT-H-14`` (or its open_clip_config.json beside it) needs neither later.
 """
 
 from __future__ import annotations
@@ -25,8 +27,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "only for files from a source you trust")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep",
                    help="store floating-point tensors in this precision (default: as in SRC)")
+    p.add_argument("--arch", metavar="NAME|FILE.json", default=None,
+                   help="what the tensors cannot say (attention heads, activation, normalisation): a known "
+                        "architecture (ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14, ViT-g-14, ViT-bigG-14: "
+                        "open_clip's names, GELU; NAME-quickgelu or OpenAI's ViT-B/16, ViT-L/14@336px: QuickGELU) "
+                        "or an open_clip model config file. Default: the file's own record, the "
+                        "open_clip_config.json or config.json beside it, OpenAI's rule for TorchScript files")
     p.add_argument("--act", choices=["quick_gelu", "gelu"], default=None,
-                   help="activation to record (default: from config.json, else QuickGELU as OpenAI's models)")
+                   help="activation to record, overriding every other source")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
 
@@ -36,17 +44,16 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from promptkd.models.clip_archs import describe
     from promptkd.models.weights import convert_checkpoint
 
     dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
     if Path(args.dst).exists() and Path(args.dst).resolve() == Path(args.src).resolve():
         raise ValueError(f"{args.dst}: output would overwrite the input")
-    ckpt = convert_checkpoint(args.src, args.dst, trust_checkpoint=args.trust_checkpoint, dtype=dtype, act=args.act)
-    cfg = ckpt.config
-    v = cfg.vision
-    text = f"text {cfg.text.width}x{cfg.text.layers}" if cfg.text else "no text tower"
-    print(f"{ckpt.source} ({ckpt.format}) -> {args.dst}: ViT width {v.width} x {v.layers} layers, patch "
-          f"{v.patch_size}, image {v.image_size}; {text}; embed {cfg.embed_dim}; {cfg.act}", file=sys.stderr)
+    ckpt = convert_checkpoint(args.src, args.dst, trust_checkpoint=args.trust_checkpoint, dtype=dtype, act=args.act,
+                              arch=args.arch)
+    print(f"{ckpt.source} ({ckpt.format}) -> {args.dst}: {describe(ckpt.config)} (from {ckpt.arch_source})",
+          file=sys.stderr)
     for note in ckpt.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0

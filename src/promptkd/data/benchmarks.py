@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+from promptkd.data.scan import IMAGE_EXTENSIONS, images_in, is_image_file, subfolders
+
 MAX_LISTED_PROBLEMS = 20
 
 
@@ -169,21 +170,13 @@ def prompt_name(raw: str) -> str:
     return raw.replace("_", " ").strip()
 
 
-def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
 def _subdirs(folder: Path, ignore: Iterable[str] = ()) -> list[str]:
-    skip = set(ignore)
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".") and e.name not in skip)
+    return subfolders(folder, ignore)
 
 
 def _images_in(folder: Path, recursive: bool = False) -> list[str]:
     """Sorted image paths in a folder (sorted so every machine lists the same order)."""
-    if recursive:
-        out = [str(Path(dp) / f) for dp, dns, fs in os.walk(folder) for f in fs if is_image_file(f)]
-        return sorted(out)
-    return sorted(str(folder / e.name) for e in os.scandir(folder) if e.is_file() and is_image_file(e.name))
+    return images_in(folder, recursive)
 
 
 def read_classnames_file(path: Path) -> dict[str, str]:
@@ -212,14 +205,47 @@ def imagenet_classnames(root: Path, own_folder: Path | None = None) -> tuple[dic
     return read_classnames_file(asset), asset
 
 
+def _entry_problem(entry) -> str | None:
+    """Why a split entry is not ``[relative path, int label, class name]``, or None."""
+    if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+        return f"expected [relative path, int label, class name], got {entry!r}"
+    path, label, name = entry
+    if not isinstance(path, str) or not path.strip():
+        return f"the path must be a non-empty string, got {path!r}"
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        return f"the label must be an integer >= 0, got {label!r}"
+    if not isinstance(name, str) or not name.strip():
+        return f"the class name must be a non-empty string, got {name!r}"
+    return None
+
+
 def _samples_from_entries(entries, prefix: Path, where: str, problems: list[str]) -> list[tuple[str, int, str]]:
+    if not isinstance(entries, list):
+        problems.append(f"{where}: must be a list of [relative path, int label, class name] entries, "
+                        f"got {type(entries).__name__} {str(entries)[:60]!r}")
+        return []
     out = []
     for i, entry in enumerate(entries):
-        if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[1], int)):
-            problems.append(f"{where}[{i}]: expected [relative path, int label, class name], got {entry!r}")
+        reason = _entry_problem(entry)
+        if reason:
+            problems.append(f"{where}[{i}]: {reason}")
             continue
         out.append((str(prefix / entry[0]), int(entry[1]), str(entry[2])))
     return out
+
+
+def read_split_json(path: Path, problems: list[str]) -> dict | None:
+    """A CoOp split file's object (``train``/``val``/``test`` keys checked), or None with the problem."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problems.append(f"{path}: not valid JSON ({exc})")
+        return None
+    if not isinstance(data, dict) or not {"train", "val", "test"} <= set(data):
+        got = f"keys {sorted(data)}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        problems.append(f"{path}: expected an object with 'train', 'val' and 'test' lists, got {got}")
+        return None
+    return data
 
 
 def _assemble(name: str, splits: dict[str, list[tuple[str, int, str]]], source: str, problems: list[str],
@@ -238,25 +264,30 @@ def _assemble(name: str, splits: dict[str, list[tuple[str, int, str]]], source: 
         problems.append(f"{source}: labels must be 0..{n - 1} with no gaps; missing {missing_labels[:10]}")
     if check_files:
         for rows in splits.values():
-            problems.extend(f"{path}: listed in {source} but missing" for path, _, _ in rows if not os.path.isfile(path))
+            problems.extend(f"{path}: listed in {source} but " + ("a broken symbolic link (target missing)"
+                                                                 if os.path.islink(path) else "missing")
+                            for path, _, _ in rows if not os.path.isfile(path))
     classnames = [prompt_name(names.get(i, f"class_{i}")) for i in range(n)]
     out = {s: [Sample(p, lab, classnames[lab] if 0 <= lab < n else str(lab)) for p, lab, _ in rows]
            for s, rows in splits.items()}
     return classnames, out
 
 
+def _split_file_advice(spec: DatasetSpec, root: Path) -> str:
+    from promptkd.data.split_files import has_packaged_split, write_command
+
+    if has_packaged_split(spec.name):
+        return f"promptkd ships CoOp's copy: `{write_command(root, spec.name)}` writes it"
+    return "CoOp's DATASETS.md explains where to get it"
+
+
 def _load_split_json(spec: DatasetSpec, folder: Path, problems: list[str], check_files: bool):
     split_path = folder / spec.split_file
     if not split_path.is_file():
-        problems.append(f"{split_path}: split file missing (CoOp's DATASETS.md explains where to get it)")
+        problems.append(f"{split_path}: split file missing ({_split_file_advice(spec, folder.parent)})")
         return None
-    try:
-        data = json.loads(split_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        problems.append(f"{split_path}: not valid JSON ({exc})")
-        return None
-    if not isinstance(data, dict) or not {"train", "val", "test"} <= set(data):
-        problems.append(f"{split_path}: expected an object with 'train', 'val' and 'test' lists")
+    data = read_split_json(split_path, problems)
+    if data is None:
         return None
     prefix = folder / spec.image_dir if spec.image_dir else folder
     if not prefix.is_dir():
@@ -503,28 +534,52 @@ def load_image_folder(root: str | os.PathLike, *, name: str | None = None, holdo
     return Benchmark(name or root.name, names, samples("train"), samples("val"), samples("test"), str(root))
 
 
-def _rows_from_list(path: Path, problems: list[str]) -> list[dict]:
+def _rows_from_list(path: Path, problems: list[str]) -> list[tuple[str, dict]]:
+    """``(where, row)`` for every entry of a CSV or JSON list (``where``: "line N" / "entry N" / "train[i]");
+    entries that are not rows at all are problems naming their position, every one of them."""
     import csv
 
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             problems.append(f"{path}: not valid JSON ({exc})")
             return []
         if isinstance(data, dict):  # CoOp split structure
-            return [{"path": e[0], "label": e[1], "classname": e[2], "split": s}
-                    for s in ("train", "val", "test") for e in data.get(s, [])]
+            unknown = sorted(set(data) - {"train", "val", "test"})
+            if unknown or not data:
+                problems.append(f"{path}: a split object has 'train', 'val' and/or 'test' lists, got keys {sorted(data)}")
+            rows = []
+            for split in ("train", "val", "test"):
+                entries = _samples_from_entries(data.get(split, []), Path(), f"{path}: {split}", problems)
+                rows.extend((f"{split}[{i}]", {"path": p, "label": lab, "classname": c, "split": split})
+                            for i, (p, lab, c) in enumerate(entries))
+            return rows
         if isinstance(data, list):
-            return [dict(r) for r in data if isinstance(r, dict)]
-        problems.append(f"{path}: expected a list of objects or a {{train, val, test}} split object")
+            for i, row in enumerate(data):
+                if not isinstance(row, dict):
+                    problems.append(f"{path}: entry {i + 1}: expected an object with path, label and/or classname "
+                                    f"and split, got {row!r}")
+            return [(f"entry {i + 1}", dict(r)) for i, r in enumerate(data) if isinstance(r, dict)]
+        problems.append(f"{path}: expected a list of objects or a {{train, val, test}} split object, "
+                        f"got a JSON {type(data).__name__}")
         return []
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            problems.append(f"{path}: CSV needs a header with 'path' and 'label' and/or 'classname' columns")
-            return []
-        return list(reader)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
+            reader = csv.DictReader(f)
+            if reader.fieldnames:
+                reader.fieldnames = [str(name).strip() for name in reader.fieldnames]
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                problems.append(f"{path}: CSV needs a header with 'path' and 'label' and/or 'classname' columns, "
+                                f"got {reader.fieldnames}")
+                return []
+            return [(f"line {reader.line_num}", row) for row in reader]
+    except UnicodeDecodeError as exc:
+        problems.append(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as CSV UTF-8")
+        return []
+    except csv.Error as exc:
+        problems.append(f"{path}: not a readable CSV file ({exc})")
+        return []
 
 
 def _label_or_classname(label, cname) -> tuple[int | None, str | None]:
@@ -554,11 +609,13 @@ def load_list(list_file: str | os.PathLike, *, image_root: str | os.PathLike | N
     problems: list[str] = []
     rows = _rows_from_list(list_file, problems)
     parsed: dict[str, list[tuple[str, int | None, str | None]]] = {"train": [], "val": [], "test": []}
-    for i, row in enumerate(rows):
-        split = (row.get("split") or "train").strip()
+    for where, row in rows:
+        split = str(row.get("split") or "train").strip()
         label, cname = _label_or_classname(row.get("label"), row.get("classname") or row.get("class"))
-        if split not in parsed or not row.get("path") or (label is None and not cname):
-            problems.append(f"{list_file}: entry {i + 1} needs path, label or classname, split in train/val/test: {row}")
+        if split not in parsed or not isinstance(row.get("path"), str) or not row["path"].strip() \
+                or (label is None and not cname) or (label is not None and label < 0):
+            problems.append(f"{list_file}: {where} needs a path, a label >= 0 or a classname, and a split in "
+                            f"train/val/test: {row}")
             continue
         parsed[split].append((str(base / str(row["path"])), label, cname))
     if not any(parsed.values()) and not problems:

@@ -1,8 +1,10 @@
 """``promptkd data check``: validate a data root and compare its counts with the paper's.
 
-Every problem of every dataset is collected in one run (missing split files, missing images, empty
-class folders, class-name disagreements; with ``verify_images`` also every image that does not
-decode), so a user fixes them all at once instead of one crash at a time.
+Every problem of every dataset is collected in one run (missing split files, missing images, broken
+symbolic links, empty class folders, class-name disagreements; with ``verify_images`` also every image
+that does not decode, is over the pixel limit, or decodes to a constant picture), so a user fixes them
+all at once instead of one crash at a time. A missing split file that promptkd ships comes with the
+command that writes it; a split file that differs from the shipped one gets a note.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from pathlib import Path
 
 from promptkd.data.benchmarks import REGISTRY, Benchmark, DataError, collect_benchmark, get_spec
 from promptkd.data.custom import custom_dataset_path, is_custom_dataset, load_custom
-from promptkd.data.loader import BadImageError, read_image
+from promptkd.data.decode import DEFAULT_MAX_IMAGE_PIXELS, image_problem
+from promptkd.data.scan import DanglingLinkWarning, DataScanWarning
+from promptkd.data.split_files import compare_with_packaged
 from promptkd.data.splits import base_novel_split
 
 
@@ -35,6 +39,29 @@ class DatasetReport:
     def ok(self, strict: bool = False) -> bool:
         return not self.problems and not (strict and self.mismatches)
 
+    def status(self, strict: bool = False) -> str:
+        """The table's verdict, the same one the exit code follows."""
+        if self.problems:
+            return f"{len(self.problems)} problem(s)"
+        if strict and self.mismatches:
+            return f"{len(self.mismatches)} count(s) differ from the paper (--strict)"
+        return "ok"
+
+
+def _sort_warnings(caught: list[warnings.WarningMessage], report: DatasetReport) -> None:
+    """Loader warnings: broken links become problems (one per link), everything else a note."""
+    for w in caught:
+        message = w.message
+        if isinstance(message, DanglingLinkWarning):
+            report.problems.extend(f"{p}: broken symbolic link (target {os.readlink(p) if os.path.islink(p) else '?'} "
+                                   "does not exist)" for p in message.paths)
+        elif isinstance(message, DataScanWarning):
+            report.notes.extend(f"{p}: {message.what.replace('(s)', '')}" for p in message.paths)
+        else:
+            report.notes.append(str(message))
+    report.problems[:] = list(dict.fromkeys(report.problems))  # a folder listed twice warns twice
+    report.notes[:] = list(dict.fromkeys(report.notes))
+
 
 def _counts(bench: Benchmark) -> dict[str, int | None]:
     out: dict[str, int | None] = {"classes": bench.num_classes, "train": None if bench.eval_only else len(bench.train),
@@ -45,37 +72,38 @@ def _counts(bench: Benchmark) -> dict[str, int | None]:
     return out
 
 
-def _decode_error(path: str) -> str | None:
+def _decode_error(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
     if not os.path.isfile(path):
-        return None  # already reported as missing
-    try:
-        read_image(path)
-    except BadImageError as exc:
-        return str(exc)
-    return None
+        return None  # already reported as missing (or as a broken link)
+    return image_problem(path, max_pixels=max_pixels)
 
 
-def _verify_images(bench: Benchmark, progress: bool, workers: int) -> list[str]:
+def _verify_images(bench: Benchmark, progress: bool, workers: int,
+                   max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[str]:
     """Decode every image once (in ``workers`` processes); the problems, in path order."""
     from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
 
     from tqdm import tqdm
 
     paths = sorted({s.path for split in (bench.train, bench.val, bench.test) for s in split})
     bar = dict(desc=f"decoding {bench.name}", unit="img", total=len(paths), disable=not progress, leave=False)
+    check = partial(_decode_error, max_pixels=max_pixels)
     if workers <= 1 or len(paths) < 256:
-        results = [_decode_error(p) for p in tqdm(paths, **bar)]
+        results = [check(p) for p in tqdm(paths, **bar)]
     else:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(_decode_error, paths, chunksize=64), **bar))
+            results = list(tqdm(pool.map(check, paths, chunksize=64), **bar))
     return [r for r in results if r]
 
 
 def check_dataset(root: str | os.PathLike, name: str, *, verify_images: bool = False,
-                  progress: bool = False, workers: int = 1) -> DatasetReport:
+                  progress: bool = False, workers: int = 1,
+                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> DatasetReport:
     """Load one benchmark collecting all its problems; counts next to the paper's."""
     if is_custom_dataset(name):
-        return check_custom_dataset(root, name, verify_images=verify_images, progress=progress, workers=workers)
+        return check_custom_dataset(root, name, verify_images=verify_images, progress=progress, workers=workers,
+                                    max_image_pixels=max_image_pixels)
     spec = get_spec(name)
     folder = Path(root).expanduser() / spec.folder
     paper = {"classes": spec.classes, "train": spec.paper_train, "test": spec.paper_test,
@@ -84,7 +112,11 @@ def check_dataset(root: str | os.PathLike, name: str, *, verify_images: bool = F
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         bench = collect_benchmark(root, spec.name, report.problems, check_files=True)
-    report.notes.extend(str(w.message) for w in caught)
+    _sort_warnings(caught, report)
+    if spec.split_file and (folder / spec.split_file).is_file():
+        differs = compare_with_packaged(spec.name, folder / spec.split_file)
+        if differs:
+            report.notes.append(differs)
     if spec.layout in ("imagenet", "imagenet_v2", "wnid_folders") and report.present \
             and not (folder / "classnames.txt").is_file():
         source = Path(root).expanduser() / "imagenet" / "classnames.txt"
@@ -93,12 +125,13 @@ def check_dataset(root: str | os.PathLike, name: str, *, verify_images: bool = F
     if bench is not None:
         report.counts = _counts(bench)
         if verify_images:
-            report.problems.extend(_verify_images(bench, progress, workers))
+            report.problems.extend(_verify_images(bench, progress, workers, max_image_pixels))
     return report
 
 
 def check_custom_dataset(root: str | os.PathLike | None, name: str, *, verify_images: bool = False,
-                         progress: bool = False, workers: int = 1) -> DatasetReport:
+                         progress: bool = False, workers: int = 1,
+                         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> DatasetReport:
     """The user's own ``folder:PATH`` / ``list:FILE`` data: its problems and counts (no paper counts)."""
     path = custom_dataset_path(name, root)
     report = DatasetReport(name, str(path), path.exists())
@@ -109,17 +142,18 @@ def check_custom_dataset(root: str | os.PathLike | None, name: str, *, verify_im
         except DataError as exc:
             report.problems.extend(exc.problems)
             bench = None
-    report.notes.extend(str(w.message) for w in caught)
+    _sort_warnings(caught, report)
     if bench is not None:
         report.name = bench.name
         report.counts = _counts(bench)
         if verify_images:
-            report.problems.extend(_verify_images(bench, progress, workers))
+            report.problems.extend(_verify_images(bench, progress, workers, max_image_pixels))
     return report
 
 
 def check_root(root: str | os.PathLike, names: list[str] | None = None, *, verify_images: bool = False,
-               progress: bool = False, workers: int = 1) -> list[DatasetReport]:
+               progress: bool = False, workers: int = 1,
+               max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[DatasetReport]:
     """Check the named datasets, or every benchmark whose folder exists under ``root``."""
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -131,8 +165,8 @@ def check_root(root: str | os.PathLike, names: list[str] | None = None, *, verif
         if not wanted:
             raise FileNotFoundError(
                 f"no benchmark folder under {root} (expected CoOp's layout, e.g. {root}/caltech-101, {root}/imagenet)")
-    return [check_dataset(root, n, verify_images=verify_images, progress=progress, workers=workers)
-            for n in wanted]
+    return [check_dataset(root, n, verify_images=verify_images, progress=progress, workers=workers,
+                          max_image_pixels=max_image_pixels) for n in wanted]
 
 
 def _cell(value: int | None, paper: int | None) -> str:
@@ -143,12 +177,13 @@ def _cell(value: int | None, paper: int | None) -> str:
     return f"{value:,}" if value == paper else f"{value:,} (paper {paper:,}) *"
 
 
-def format_reports(reports: list[DatasetReport], *, max_problems: int = 50) -> str:
-    """A readable table (counts, * where they differ from the paper), then every problem per dataset."""
+def format_reports(reports: list[DatasetReport], *, max_problems: int = 50, strict: bool = False) -> str:
+    """A readable table (counts, * where they differ from the paper; the verdict ``--strict`` gives), then
+    every problem per dataset."""
     columns = ["classes", "train", "test", "test_base", "test_novel"]
     rows = [["dataset", *columns, "status"]]
     for r in reports:
-        status = "ok" if not r.problems else f"{len(r.problems)} problem(s)"
+        status = r.status(strict)
         rows.append([r.name, *[_cell(r.counts.get(c), r.paper.get(c)) for c in columns], status])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -165,5 +200,6 @@ def format_reports(reports: list[DatasetReport], *, max_problems: int = 50) -> s
     return "\n".join(lines)
 
 
-def reports_as_json(reports: list[DatasetReport]) -> list[dict]:
-    return [{**asdict(r), "ok": r.ok(), "mismatches": r.mismatches} for r in reports]
+def reports_as_json(reports: list[DatasetReport], strict: bool = False) -> list[dict]:
+    return [{**asdict(r), "ok": r.ok(strict), "status": r.status(strict), "strict": strict,
+             "mismatches": r.mismatches} for r in reports]

@@ -34,6 +34,7 @@ from promptkd.data.benchmarks import (
     load_image_folder,
     load_list,
 )
+from promptkd.data.scan import DataScanWarning
 
 CUSTOM_SCHEMES = ("folder", "list")
 CUSTOM_DATASET_SYNTAX = "folder:PATH or list:FILE.csv|.json"
@@ -89,11 +90,14 @@ def custom_dataset_name(path: Path) -> str:
 def _load_custom_folder(path: Path, name: str) -> Benchmark:
     if not path.is_dir():
         raise DataError(str(path), [f"{path}: folder missing (folder:PATH needs one sub-folder of images per class)"])
-    if not _subdirs(path) and _images_in(path):
-        raise DataError(str(path), [f"{path}: holds images but no class sub-folders (expected PATH/<class>/*; for "
-                                    "unlabelled images use distill's data.unlabelled=folder data.folder=PATH)"])
-    split_root = path / "train" if (path / "train").is_dir() else path
-    if not _subdirs(split_root):
+    with warnings.catch_warnings():  # these first looks only decide the layout; the full scan below warns
+        warnings.simplefilter("ignore", DataScanWarning)
+        split_root = path / "train" if (path / "train").is_dir() else path
+        top, below = _subdirs(path), _subdirs(split_root)
+        if not top and _images_in(path):
+            raise DataError(str(path), [f"{path}: holds images but no class sub-folders (expected PATH/<class>/*; "
+                                        "for unlabelled images use distill's data.unlabelled=folder data.folder=PATH)"])
+    if not below:
         raise DataError(str(path), [f"{split_root}: no class sub-folders (expected {split_root}/<class>/<images>)"])
     has_test = (path / "train").is_dir() and (path / "test").is_dir()
     bench = load_image_folder(path, name=name, holdout=0.0 if has_test else FOLDER_HOLDOUT, seed=FOLDER_SPLIT_SEED)

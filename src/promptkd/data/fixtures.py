@@ -183,14 +183,21 @@ def make_fixture(root: str | os.PathLike, name: str, *, classes: int = 4, per_cl
     return Fixture(root, ds, spec.name, names, splits)
 
 
-def layout_placeholders(root: str | os.PathLike, name: str, split_file: str | os.PathLike) -> Path:
-    """Copy a real split file into ``root`` in ``name``'s layout and create an EMPTY file per entry."""
+def layout_placeholders(root: str | os.PathLike, name: str, split_file: str | os.PathLike | None = None) -> Path:
+    """Lay out a real split file in ``root`` in ``name``'s layout and an EMPTY file per entry; the split
+    file is ``split_file``, or by default the copy packaged with promptkd (:mod:`promptkd.data.split_files`)."""
     spec = get_spec(name)
     if spec.layout != "split_json":
         raise ValueError(f"{spec.name} has no split_zhou file")
     ds = Path(root) / spec.folder
     ds.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(split_file, ds / spec.split_file)
+    if split_file is None:
+        from promptkd.data.split_files import write_split_files
+
+        write_split_files(root, [spec.name])
+        split_file = ds / spec.split_file
+    else:
+        shutil.copyfile(split_file, ds / spec.split_file)
     image_dir = ds / spec.image_dir if spec.image_dir else ds
     data = json.loads(Path(split_file).read_text())
     rels = {e[0] for s in ("train", "val", "test") for e in data[s]}

@@ -11,10 +11,13 @@ passed to the transform (``transform(pil_image, generator=g)``), so an image's a
 depend on the number of workers, and a resumed run reproduces it. The epoch travels with every index
 (the sampler yields ``(epoch, index)`` pairs), so persistent workers see ``set_epoch`` at once.
 
-Unreadable images never crash a long run silently: with ``on_bad_image="error"`` the first one raises
-:class:`BadImageError` naming the file; with ``"skip"`` (default) the next readable sample is used
-instead, the file is logged (workers append to a small log file), and ``set_epoch`` /
-:meth:`bad_images` report every bad path at the end of the epoch.
+Images are decoded by :func:`promptkd.data.decode.read_image` (16-bit data scaled to 8 bits, a pixel
+limit ``max_image_pixels``, the config's ``data.max_image_pixels``, with JPEGs over it reduced while
+decoding). Unreadable images never crash a long run silently: with ``on_bad_image="error"`` the first
+one raises :class:`BadImageError` naming the file (a ValueError; raised in a DataLoader worker it
+reaches the main process with the same one-line message, not the worker's traceback); with
+``"skip"`` (default) the next readable sample is used instead, the file is logged (workers append to
+a small log file), and ``set_epoch`` / :meth:`bad_images` report every bad path at the end of the epoch.
 """
 
 from __future__ import annotations
@@ -29,15 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from promptkd.data.decode import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, read_image
 
 Transform = Callable[..., torch.Tensor]
 MAX_CONSECUTIVE_BAD = 16
-
-
-class BadImageError(RuntimeError):
-    """An image file could not be read or decoded; the message names the file."""
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -45,17 +45,6 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     entropy = [int(seed) % 2**64, int(epoch) % 2**64, int(index) % 2**64]
     state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
-
-
-def read_image(path: str) -> Image.Image:
-    """Decode an image file to RGB; raises :class:`BadImageError` naming the file on any failure."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError as exc:
-        raise BadImageError(f"{path}: image file missing") from exc
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise BadImageError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
 
 
 class PathTable:
@@ -91,9 +80,13 @@ def _remove_if_owner(path: str, owner_pid: int) -> None:
 class _ImageDataset(Dataset):
     """Shared machinery: decoding, per-sample generators, epochs, bad-image log."""
 
-    def __init__(self, paths: Sequence[str], transform: Transform, *, seed: int = 0, on_bad_image: str = "skip"):
+    def __init__(self, paths: Sequence[str], transform: Transform, *, seed: int = 0, on_bad_image: str = "skip",
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+        if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or int(max_image_pixels) < 1):
+            raise ValueError(f"data.max_image_pixels must be a positive number of pixels, got {max_image_pixels!r}")
+        self.max_image_pixels = None if max_image_pixels is None else int(max_image_pixels)
         if transform is None:
             raise ValueError("a transform is required (e.g. promptkd.data.transforms.Preprocess)")
         self._paths = PathTable(paths)
@@ -148,7 +141,7 @@ class _ImageDataset(Dataset):
         for attempt in range(MAX_CONSECUTIVE_BAD):
             i = (index + attempt) % len(self._paths)
             try:
-                img = read_image(self._paths[i])
+                img = read_image(self._paths[i], max_pixels=self.max_image_pixels)
             except BadImageError as exc:
                 if self.on_bad_image == "error":
                     raise
@@ -170,8 +163,10 @@ class _ImageDataset(Dataset):
 class LabelledImages(_ImageDataset):
     """``{"image", "label", "index"}`` for each sample (anything with ``.path`` and ``.label``)."""
 
-    def __init__(self, samples: Sequence[Any], transform: Transform, *, seed: int = 0, on_bad_image: str = "skip"):
-        super().__init__([s.path for s in samples], transform, seed=seed, on_bad_image=on_bad_image)
+    def __init__(self, samples: Sequence[Any], transform: Transform, *, seed: int = 0, on_bad_image: str = "skip",
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+        super().__init__([s.path for s in samples], transform, seed=seed, on_bad_image=on_bad_image,
+                         max_image_pixels=max_image_pixels)
         self.labels = np.fromiter((int(s.label) for s in samples), dtype=np.int64, count=len(samples))
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
@@ -183,12 +178,12 @@ class UnlabelledImages(_ImageDataset):
     """``{"image", "index"}`` for each image path. Takes PATHS only: there is no label to leak."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], transform: Transform, *, seed: int = 0,
-                 on_bad_image: str = "skip"):
+                 on_bad_image: str = "skip", max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         for p in paths:
             if not isinstance(p, (str, os.PathLike)):
                 raise TypeError(f"UnlabelledImages takes image paths only, got {type(p).__name__} "
                                 "(use promptkd.data.splits.unlabelled_paths to drop labels)")
-        super().__init__(paths, transform, seed=seed, on_bad_image=on_bad_image)
+        super().__init__(paths, transform, seed=seed, on_bad_image=on_bad_image, max_image_pixels=max_image_pixels)
 
     @property
     def paths(self) -> list[str]:

@@ -43,7 +43,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from promptkd.config import spec, validate_instance
 from promptkd.engine import distributed as D
+from promptkd.fileio import OutputError, atomic_writer, describe_os_error
 
 CHECKPOINT_FORMAT = "promptkd.loop_checkpoint.v1"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,47 +60,32 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class LoopConfig:
-    epochs: int = 20
-    batch_size: int = 8  # per process, per micro-batch
-    lr: float = 0.005
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    scheduler: str = "cosine"  # "cosine" or "constant"
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast)
-    grad_accum: int = 1
-    num_workers: int = 2
-    seed: int = 1
-    device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu), "cpu", "cuda", "cuda:1"...
-    checkpoint_every_steps: int = 0  # 0: checkpoint at epoch ends only
-    max_steps: int | None = None  # stop (as an interruption) after this many optimiser steps in total
-    deterministic: bool = False
-    log_every: int = 10  # optimiser steps between step records in log.jsonl
-    sync_batchnorm: bool = True  # on CUDA under DDP: trainable BatchNorm (the projector) sees the global batch
+    """The optimisation settings of both stages (the ``train`` section of a config)."""
+
+    epochs: int = spec(20, ge=1, help="passes over the training set")
+    batch_size: int = spec(8, ge=1, help="images per process per micro-batch")
+    lr: float = spec(0.005, gt=0, le=1e3, help="peak learning rate (SGD)")
+    momentum: float = spec(0.9, ge=0, lt=1, help="SGD momentum")
+    weight_decay: float = spec(5e-4, ge=0, le=1, help="SGD weight decay")
+    scheduler: str = spec("cosine", choices=SCHEDULERS, help="learning-rate schedule after the warm-up")
+    warmup_epochs: int = spec(1, ge=0, help="epochs at the constant warmup_lr")
+    warmup_lr: float = spec(1e-5, gt=0, le=1e3, help="learning rate during the warm-up")
+    precision: str = spec("fp32", choices=tuple(PRECISIONS), help="autocast dtype (fp16 on a CPU runs fp32)")
+    grad_accum: int = spec(1, ge=1, help="micro-batches per optimiser step")
+    num_workers: int = spec(2, ge=0, help="data-loading processes")
+    seed: int = spec(1, ge=0, help="seed of data order, augmentation and initialisation")
+    device: str = spec("auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:1 ...")
+    checkpoint_every_steps: int = spec(0, ge=0, help="0: checkpoint at epoch ends only")
+    max_steps: int | None = spec(None, ge=0, help="stop (resumably) after this many optimiser steps in total")
+    deterministic: bool = spec(False, help="deterministic algorithms (slower on GPU)")
+    log_every: int = spec(10, ge=1, help="optimiser steps between step records in log.jsonl")
+    sync_batchnorm: bool = spec(True, help="on CUDA under DDP: trainable BatchNorm sees the global batch")
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1 (got {self.epochs})")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
-        if self.grad_accum < 1:
-            problems.append(f"grad_accum must be >= 1 (got {self.grad_accum})")
-        if self.lr <= 0:
-            problems.append(f"lr must be > 0 (got {self.lr})")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
-            problems.append(f"warmup_epochs must be in 0..epochs-1 (got {self.warmup_epochs} for {self.epochs} epochs)")
-        if self.scheduler not in SCHEDULERS:
-            problems.append(f"scheduler must be one of {SCHEDULERS} (got {self.scheduler!r})")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {tuple(PRECISIONS)} (got {self.precision!r})")
-        if self.max_steps is not None and self.max_steps < 0:
-            problems.append(f"max_steps must be >= 0 or None (got {self.max_steps})")
-        if self.checkpoint_every_steps < 0 or self.log_every < 1 or self.num_workers < 0:
-            problems.append("checkpoint_every_steps and num_workers must be >= 0, log_every >= 1")
-        if problems:
-            raise ValueError("invalid training loop config: " + "; ".join(problems))
+        validate_instance(self, "training loop config (train.*)")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError(f"invalid training loop config (train.*): warmup_epochs must be in 0..epochs-1 "
+                             f"(got {self.warmup_epochs} for {self.epochs} epochs)")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -276,14 +263,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """torch.save to a temporary file in the same folder, then an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save to a temporary file in the same folder, then an atomic rename; a failed write (full disk,
+    ``ulimit -f``) leaves the previous checkpoint in place and raises one line naming the file."""
+    try:
+        with atomic_writer(path) as f:
+            torch.save(payload, f)
+    except RuntimeError as exc:  # torch's zip writer reports a failed write as a RuntimeError
+        kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was written"
+        raise OutputError(None, f"{path}: cannot write the checkpoint ({' '.join(str(exc).split())[:200]}); "
+                                f"{kept}. Free space (or raise ulimit -f) and continue with --resume") from None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -301,17 +289,38 @@ def load_checkpoint(path: Path) -> dict:
 
 
 class RunLog:
-    """log.jsonl (append) and summary.csv (rewritten from the epoch history), on the main rank only."""
+    """log.jsonl (append) and summary.csv (rewritten from the epoch history), on the main rank only;
+    with ``tensorboard``, the step and epoch scalars also go to ``out_dir/tensorboard``."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = False):
         self.out_dir, self.enabled = out_dir, enabled
+        self.tb = None
         if enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                self.tb = open_tensorboard(out_dir / "tensorboard")
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record, default=float) + "\n")
+            path = self.out_dir / "log.jsonl"
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(record, default=float) + "\n")
+            except OSError as exc:
+                raise OutputError(exc.errno, describe_os_error(exc, path)) from None
+            if self.tb is not None and record.get("type") in ("step", "epoch"):
+                kind = record["type"]
+                step = int(record.get("global_step", record.get("steps", 0)))
+                for key, value in record.items():
+                    if key not in ("type", "epoch", "step", "global_step", "steps", "time") and \
+                            isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.tb.add_scalar(f"{kind}/{key}", value, step)
+                self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
     def summary(self, history: list[dict]) -> None:
         if not self.enabled or not history:
@@ -319,12 +328,20 @@ class RunLog:
         columns: list[str] = []
         for row in history:
             columns += [k for k in row if k not in columns]
-        tmp = self.out_dir / "summary.csv.tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_writer(self.out_dir / "summary.csv", "w") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(history)
-        os.replace(tmp, self.out_dir / "summary.csv")
+
+
+def open_tensorboard(log_dir: Path):
+    """A TensorBoard SummaryWriter, or a clear error naming the missing package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ValueError("log.tensorboard=true needs the `tensorboard` package: pip install 'promptkd[tensorboard]' "
+                         f"({exc})") from None
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def _float_metrics(out: dict) -> dict[str, float]:
@@ -351,15 +368,34 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 # the loop
 
 
+def effective_precision(precision: str, device: torch.device) -> str:
+    """fp16 autocast on a CPU has no gradient scaler and is slow: a CPU runs fp16 settings in fp32."""
+    return "fp32" if precision == "fp16" and device.type == "cpu" else precision
+
+
 def fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: str | os.PathLike, *,
-        resume: bool = True, collate_fn: Callable | None = None) -> dict:
+        resume: bool = True, collate_fn: Callable | None = None, tensorboard: bool = False) -> dict:
     """Train ``module`` on ``train_dataset``; returns a summary dict (history, steps, checkpoint path)."""
     out_dir = Path(out_dir)
+    log = RunLog(out_dir, D.is_main(), tensorboard=tensorboard)
+    try:
+        return _fit(module, train_dataset, cfg, out_dir, log, resume=resume, collate_fn=collate_fn)
+    finally:
+        log.close()
+
+
+def _fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: Path, log: RunLog, *,
+         resume: bool, collate_fn: Callable | None) -> dict:
     main = D.is_main()
     world = D.world_size()
-    log = RunLog(out_dir, main)
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     device = resolve_device(cfg.device)
+    precision = effective_precision(cfg.precision, device)
+    if precision != cfg.precision and main:
+        import sys
+
+        print(f"note: precision {cfg.precision} on {device.type} runs as {precision} (fp16 autocast on a CPU has no "
+              "gradient scaler and is slow)", file=sys.stderr)
     set_determinism(cfg.seed + D.rank(), cfg.deterministic)
 
     # -- model, optimiser, precision ------------------------------------------------------------------
@@ -369,7 +405,7 @@ def fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: str
         raise ValueError("the module has no trainable parameters (nothing has requires_grad=True)")
     optimizer = torch.optim.SGD(params, lr=lr_at_epoch(cfg, 0), momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    use_scaler = cfg.precision == "fp16" and device.type == "cuda"
+    use_scaler = precision == "fp16" and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     model: nn.Module = module
     if world > 1:
@@ -430,6 +466,7 @@ def fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: str
         log.write({"type": "start", "config": run_cfg, "steps_per_epoch": steps_per_epoch,
                    "samples_per_step": cfg.batch_size * world * cfg.grad_accum,
                    "trainable_parameters": sum(p.numel() for p in params), "device": str(device),
+                   "precision": precision,
                    "time": time.time()})
 
     # -- epochs ----------------------------------------------------------------------------------------
@@ -456,7 +493,7 @@ def fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: str
                 last_micro = micro == cfg.grad_accum - 1
                 sync = model.no_sync() if (world > 1 and not last_micro) else contextlib.nullcontext()
                 with sync:
-                    with autocast(device, cfg.precision):
+                    with autocast(device, precision):
                         out = model(batch)
                     loss = out["loss"]
                     if loss.ndim != 0:
@@ -471,7 +508,8 @@ def fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: str
                         log.write({"type": "error", "error": "non-finite loss", "epoch": epoch,
                                    "global_step": global_step + 1, "loss": float(loss.detach().float())})
                         raise NonFiniteLossError(f"non-finite loss ({float(loss.detach().float())}) at {where}; "
-                                                 f"{kept}. Lower the learning rate or use precision=fp32.")
+                                                 f"{kept}. Continue from it with a lower learning rate or fp32, e.g. "
+                                                 "--resume --set train.lr=... --set train.precision=fp32")
                     scaler.scale(loss / cfg.grad_accum).backward()
                 metrics = {**_float_metrics(out), "loss": float(total) / world}  # loss: mean over ranks
                 for k, v in metrics.items():

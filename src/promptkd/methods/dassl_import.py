@@ -102,12 +102,15 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 
 def load_checkpoint_file(path: str | Path, trust_checkpoint: bool = False) -> object:
-    """``torch.load`` a checkpoint on CPU; full unpickling only with ``trust_checkpoint``."""
+    """``torch.load`` a checkpoint on CPU; full unpickling only with ``trust_checkpoint``.
+
+    A file is only treated as a pickle (and trust suggested) when it is one: its opcodes are parsed
+    first (``is_torch_pickle``), without executing anything."""
+    from promptkd.models.checkpoint_io import is_torch_pickle, not_a_checkpoint_message
+
     path = find_checkpoint(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # zip (torch.save) or a legacy pickle stream
-        raise ValueError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
+    if not is_torch_pickle(path):
+        raise ValueError(not_a_checkpoint_message(path))
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -120,8 +123,8 @@ def load_checkpoint_file(path: str | Path, trust_checkpoint: bool = False) -> ob
                 "code from the file. If you trust where it comes from, pass --trust-checkpoint "
                 "(trust_checkpoint=True)."
             ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle_module())
     except Exception as exc:
@@ -219,9 +222,31 @@ def parse_prompts(state: dict[str, Tensor], source: str = "<checkpoint>") -> Das
             raise ValueError(f"{source}: {tower} prompt tensors differ in shape across layers: {sorted(shapes)}")
         if any(t.ndim != 2 for t in layers.values()):
             raise ValueError(f"{source}: {tower} prompts must be [n_ctx, width], got {sorted(shapes)}")
+    _check_depth_against_frozen(state, source)
     if "logit_scale" in state:
         prompts.logit_scale = float(state["logit_scale"].float().exp())
     return prompts
+
+
+_FROZEN_BLOCK = re.compile(r"^(text_encoder|image_encoder)\.transformer\.resblocks\.(\d+)\.(?!VPT_shallow$)")
+
+
+def _check_depth_against_frozen(state: dict[str, Tensor], source: str) -> None:
+    """Refuse a deep prompt at a block the checkpoint's own CLIP does not have, naming its key.
+
+    The frozen transformer blocks stored beside the prompts give each tower's depth; a checkpoint
+    without them is checked later, against the CLIP weights it is combined with."""
+    layers: dict[str, set[int]] = {"text_encoder": set(), "image_encoder": set()}
+    for key in state:
+        if m := _FROZEN_BLOCK.match(key):
+            layers[m.group(1)].add(int(m.group(2)))
+    for key in sorted(state):
+        m = _DEEP.match(key)
+        if m and layers[m.group(1)] and int(m.group(2)) > max(layers[m.group(1)]):
+            tower = "text" if m.group(1) == "text_encoder" else "vision"
+            n = max(layers[m.group(1)]) + 1
+            raise ValueError(f"{source}: {key}: a prompt for layer {m.group(2)}, but the checkpoint's {tower} "
+                             f"transformer has {n} layers (0..{n - 1}); the prompt depth exceeds the model's depth")
 
 
 def read_dassl_teacher(path: str | Path, trust_checkpoint: bool = False) -> DasslPrompts:

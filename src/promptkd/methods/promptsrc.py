@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from promptkd.config import spec
+
 METHODS = ("promptsrc", "ivlp", "coop")
 
 
@@ -40,15 +42,16 @@ METHODS = ("promptsrc", "ivlp", "coop")
 class PromptSRCConfig:
     """Method settings (the optimisation settings belong to the training loop's config)."""
 
-    method: str = "promptsrc"
-    image_loss_weight: float = 10.0
-    text_loss_weight: float = 25.0
-    logits_loss_weight: float = 1.0
-    kl_temperature: float = 1.0
-    gpa_mean: float = 15.0
-    gpa_std: float = 1.0
-    epochs: int = 20  # the number of epochs the GPA weights are spread over
-    templates: str | list[str] = "promptsrc"  # template ensemble for the frozen text features
+    method: str = spec("promptsrc", choices=METHODS, help="promptsrc (the paper's teacher), ivlp or coop")
+    image_loss_weight: float = spec(10.0, ge=0, help="weight of the L1 between prompted and frozen image features")
+    text_loss_weight: float = spec(25.0, ge=0, help="weight of the L1 between prompted and frozen text features")
+    logits_loss_weight: float = spec(1.0, ge=0, help="weight of the KL between frozen and prompted logits")
+    kl_temperature: float = spec(1.0, gt=0, le=100, help="temperature of that KL")
+    gpa_mean: float = spec(15.0, help="mean epoch (1-based) of the Gaussian prompt aggregation")
+    gpa_std: float = spec(1.0, gt=0, help="its standard deviation in epochs")
+    epochs: int = spec(20, ge=1, help="epochs the GPA weights are spread over (a stage sets train.epochs)")
+    templates: str | list[str] = spec("promptsrc", help="template ensemble of the frozen text features: a named "
+                                      "set (promptsrc, coop, single, imagenet_select) or templates with '{}'")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -12,18 +12,30 @@ A teacher is CLIP weights + a prompt file. Everything that makes or reads one go
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from promptkd.config import spec
 from promptkd.methods import dassl_import
 from promptkd.store import ClassVectorStore, build_store
 
-# IVLP as in the paper's teacher: 4 text + 4 vision tokens in both towers, deep up to layer 9
-# (keys are those of promptkd.models.prompts.PromptConfig)
-PROMPT_DEFAULTS = {"n_ctx_text": 4, "text_depth": 9, "ctx_init": "a photo of a", "n_ctx_vision": 4,
-                   "vision_depth": 9}
+
+@dataclass
+class TeacherPrompts:
+    """The ``teacher`` section: IVLP as in the paper's teacher, 4 text + 4 vision tokens, deep up to layer 9
+    (the keys of :class:`promptkd.models.prompts.PromptConfig`)."""
+
+    n_ctx_text: int = spec(4, ge=0, help="learnable text context tokens")
+    text_depth: int = spec(9, ge=0, help="text layers with their own prompt tokens (1: shallow)")
+    ctx_init: str | None = spec("a photo of a", help="words whose embeddings initialise the text context")
+    n_ctx_vision: int = spec(4, ge=0, help="learnable vision prompt tokens")
+    vision_depth: int = spec(9, ge=0, help="vision layers with their own prompt tokens (0: none)")
+
+
+PROMPT_DEFAULTS = asdict(TeacherPrompts())
 
 
 def prompt_settings_for_method(method: str, teacher_cfg: dict) -> dict:
@@ -46,15 +58,16 @@ def prompt_settings_for_method(method: str, teacher_cfg: dict) -> dict:
 
 
 def build_teacher(weights: str | Path, prompt_cfg: dict | None = None, *, trust_checkpoint: bool = False,
-                  device: str | torch.device | None = None):
-    """Frozen CLIP from ``weights`` with fresh prompts (text context initialised from ``ctx_init``)."""
+                  device: str | torch.device | None = None, prompt_seed: int | None = None, **load_options):
+    """Frozen CLIP from ``weights`` with fresh prompts (text context initialised from ``ctx_init``, the
+    other prompts drawn from ``prompt_seed``)."""
     from promptkd.models.clip_backbones import load_clip_teacher
     from promptkd.models.prompts import PromptConfig
 
     prompts = PromptConfig.from_dict({**PROMPT_DEFAULTS, **(prompt_cfg or {})})
     # the absolute path is recorded in the identity, so the artefact loads from any working directory
     return load_clip_teacher(str(Path(weights).expanduser().resolve()), prompts, trust_checkpoint=trust_checkpoint,
-                             device=device)
+                             device=device, prompt_seed=prompt_seed, **load_options)
 
 
 def _is_artefact(path: Path) -> bool:
@@ -200,11 +213,15 @@ def load_class_vectors(path: str | Path, class_names: Sequence[str]) -> ClassVec
 
 
 def read_class_names(path: str | Path) -> list[str]:
-    """One class name per line (blank lines and lines starting with '#' ignored)."""
+    """One class name per line (blank lines and lines starting with '#' ignored), cleaned up exactly as the
+    dataset route cleans folder / split-file names (:func:`promptkd.data.benchmarks.prompt_name`)."""
+    from promptkd.data.benchmarks import prompt_name
+
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"class-name file not found: {p}")
-    names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    names = [prompt_name(ln) for ln in p.read_text(encoding="utf-8-sig").splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
     if not names:
         raise ValueError(f"{p}: no class names (expected one per line)")
     return names

@@ -156,8 +156,14 @@ class Student(AdapterMixin):
 # ``register_builder("clip", "teacher", fn)`` where ``fn(identity: dict, **options) -> Teacher``.
 # Options carry what the identity cannot (e.g. ``weights=`` override path, ``trust_checkpoint=``).
 
+class IdentityError(ValueError):
+    """An identity (``adapter.json``'s ``backbone``) that cannot describe a real model; the message names
+    the key (``backbone.<...>``), and ``artifacts.load_adapter`` prefixes the file."""
+
+
 _BUILDERS: dict[tuple[str, str], object] = {}
-_BUILDER_MODULES = {"clip": "promptkd.models.clip_backbones", "demo": "promptkd.demo.backbones"}
+_BUILDER_MODULES = {"clip": "promptkd.models.clip_backbones", "demo": "promptkd.demo.backbones",
+                    "efficientnet": "promptkd.models.efficientnet_student"}
 
 
 def register_builder(kind: str, role: str, fn) -> None:

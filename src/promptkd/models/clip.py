@@ -22,7 +22,6 @@ Prompt points (used by ``promptkd.models.prompts``; with no prompts the outputs 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -68,65 +67,68 @@ class TextConfig:
     mlp_width: int = 2048
 
 
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 @dataclass(frozen=True)
 class CLIPConfig:
-    """Architecture of a CLIP ViT model. ``text=None`` builds the image tower only (a student)."""
+    """Architecture of a CLIP ViT model. ``text=None`` builds the image tower only (a student).
+
+    ``mean``/``std`` are the image normalisation the weights were trained with (OpenAI's by default);
+    they travel with the architecture so that an artefact rebuilds the same preprocessing."""
 
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig | None = field(default_factory=TextConfig)
     act: str = "quick_gelu"  # OpenAI models use QuickGELU; "gelu" for e.g. LAION open_clip models
     ln_eps: float = 1e-5
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
 
     def __post_init__(self) -> None:
         if self.act not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.act!r}; expected one of {ACTIVATIONS}")
         towers = [("vision", self.vision)] + ([("text", self.text)] if self.text is not None else [])
         for name, tower in towers:
-            if tower.width % tower.heads:
+            if tower.heads < 1 or tower.width % tower.heads:
                 raise ValueError(f"{name} width {tower.width} is not divisible by its {tower.heads} heads")
         if self.vision.image_size % self.vision.patch_size:
             raise ValueError(f"image size {self.vision.image_size} is not a multiple of patch size "
                              f"{self.vision.patch_size}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-able; the normalisation is left out when it is OpenAI's (so older records compare equal)."""
+        out = asdict(self)
+        for key, default in (("mean", OPENAI_MEAN), ("std", OPENAI_STD)):
+            if tuple(out[key]) == default:
+                del out[key]
+            else:
+                out[key] = list(out[key])
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> CLIPConfig:
         data = dict(data)
         vision = VisionConfig(**data.pop("vision"))
         text = data.pop("text", None)
+        for key in ("mean", "std"):
+            if key in data:
+                data[key] = tuple(data[key])
         return cls(vision=vision, text=TextConfig(**text) if text is not None else None, **data)
 
     def image_only(self) -> CLIPConfig:
         return replace(self, text=None)
 
 
-def _vit(embed_dim: int, width: int, layers: int, patch: int, image: int, text_width: int) -> CLIPConfig:
-    return CLIPConfig(
-        embed_dim=embed_dim,
-        vision=VisionConfig(width=width, layers=layers, heads=width // 64, patch_size=patch, image_size=image,
-                            mlp_width=4 * width),
-        text=TextConfig(width=text_width, layers=12, heads=text_width // 64, mlp_width=4 * text_width),
-    )
-
-
-PRESETS: dict[str, CLIPConfig] = {
-    "ViT-B/32": _vit(512, 768, 12, 32, 224, 512),
-    "ViT-B/16": _vit(512, 768, 12, 16, 224, 512),
-    "ViT-L/14": _vit(768, 1024, 24, 14, 224, 768),
-    "ViT-L/14-336": _vit(768, 1024, 24, 14, 336, 768),
-}
-
-
 def preset(name: str) -> CLIPConfig:
-    """The OpenAI architecture called ``name``: ``ViT-B/16``, ``ViT-B-16``, ``ViT-L/14@336px``, ``ViT-L-14-336``."""
-    m = re.fullmatch(r"ViT-([BL])[-/](\d+)(?:[-@/](\d+)(?:px)?)?", name.strip())
-    key = (f"ViT-{m[1]}/{m[2]}" + (f"-{m[3]}" if m[3] else "")) if m else name
-    if key not in PRESETS:
-        raise ValueError(f"unknown CLIP architecture {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[key]
+    """A known architecture by name (``promptkd.models.clip_archs``): ``ViT-B/16`` (OpenAI's, QuickGELU),
+    ``ViT-H-14`` (open_clip's name: GELU), ``ViT-L-14-quickgelu``..."""
+    from promptkd.models.clip_archs import named_arch
+
+    return named_arch(name).config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,8 +386,10 @@ def tiny_clip_config(width: int = 64, layers: int = 2, heads: int | None = None,
                      image_size: int = 32, embed_dim: int | None = None, text_width: int | None = None,
                      text_layers: int | None = None, context_length: int = 77, vocab_size: int = 49408,
                      act: str = "quick_gelu", text: bool = True) -> CLIPConfig:
-    """A tiny CLIP architecture for tests. Heads default to OpenAI's rule ``width // 64`` (at least 1),
-    so a plain state dict of it round-trips through the checkpoint loader, which infers heads that way."""
+    """A tiny CLIP architecture for tests. Heads default to OpenAI's rule ``width // 64`` (at least 1).
+
+    A plain state dict of it does not say its heads (no known architecture has these widths): write it
+    with ``save_clip`` (the architecture goes into the metadata) or load it with ``arch=``."""
     text_width = text_width or width
     return CLIPConfig(
         embed_dim=embed_dim or width,

@@ -8,6 +8,10 @@
 Both register builders under kind ``"clip"`` so an artefact can rebuild them from ``identity()``.
 Builder options: ``weights=`` (override the recorded path), ``trust_checkpoint=``, ``state_dict=`` (a full
 state dict of the backbone, e.g. from an exported bundle: then no weights file is read), ``dtype=``.
+
+The identity records the resolved architecture (heads, activation, normalisation), so a rebuild never
+needs ``--arch`` again. ``trust_checkpoint`` covers only a ``weights=`` file the caller names: the path
+written inside an artefact is never unpickled, whoever wrote the artefact.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import torch
 from torch import Tensor
 
 from promptkd.models import backbones
-from promptkd.models.backbones import ImageSpec, Student, Teacher
+from promptkd.models.backbones import IdentityError, ImageSpec, Student, Teacher
 from promptkd.models.clip import CLIP, CLIPConfig, random_clip, tiny_clip, tiny_clip_config, tiny_clip_state_dict
+from promptkd.models.clip_archs import ArchLike
 from promptkd.models.projector import PROJECTORS, build_projector
 from promptkd.models.prompts import PromptConfig, TextPrompts, VisionPrompts, check_depth
 
@@ -44,7 +49,7 @@ def tensors_sha256(state: dict[str, Tensor]) -> str:
 
 
 def _image_spec(cfg: CLIPConfig) -> ImageSpec:
-    return ImageSpec(size=cfg.vision.image_size)
+    return ImageSpec(size=cfg.vision.image_size, mean=cfg.mean, std=cfg.std)
 
 
 class _ClipBackbone:
@@ -232,11 +237,14 @@ def image_only(clip: CLIP) -> CLIP:
 
 def load_clip_teacher(path: str | Path, prompts: PromptConfig | dict | None = None, trust_checkpoint: bool = False,
                       device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                      tokenizer=None, prompt_seed: int | None = None) -> ClipTeacher:
-    """A teacher from a CLIP checkpoint (any format :func:`promptkd.models.weights.load_clip` reads)."""
+                      tokenizer=None, prompt_seed: int | None = None, arch: ArchLike | None = None) -> ClipTeacher:
+    """A teacher from a CLIP checkpoint (any format :func:`promptkd.models.weights.load_clip` reads).
+
+    ``arch``: what the file cannot say (a known name such as ``ViT-H-14``, an open_clip config); the
+    resolved architecture is recorded in the teacher's identity."""
     from promptkd.models.weights import load_clip
 
-    loaded = load_clip(path, trust_checkpoint=trust_checkpoint, device=device, dtype=dtype, with_info=True)
+    loaded = load_clip(path, trust_checkpoint=trust_checkpoint, device=device, dtype=dtype, with_info=True, arch=arch)
     return ClipTeacher(loaded.model, prompts, tokenizer=tokenizer, weights=loaded.source, weights_sha256=loaded.sha256,
                        prompt_seed=prompt_seed)
 
@@ -244,12 +252,12 @@ def load_clip_teacher(path: str | Path, prompts: PromptConfig | dict | None = No
 def load_clip_student(path: str | Path, teacher_dim: int, prompts: PromptConfig | dict | None = None,
                       projector: str = "mlp", trust_checkpoint: bool = False,
                       device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                      prompt_seed: int | None = None) -> ClipStudent:
-    """A student from a CLIP checkpoint; only the image tower is kept."""
+                      prompt_seed: int | None = None, arch: ArchLike | None = None) -> ClipStudent:
+    """A student from a CLIP checkpoint; only the image tower is kept (``arch`` as for the teacher)."""
     from promptkd.models.weights import load_clip
 
     loaded = load_clip(path, trust_checkpoint=trust_checkpoint, device=device, dtype=dtype, image_only=True,
-                       with_info=True)
+                       with_info=True, arch=arch)
     return ClipStudent(loaded.model, teacher_dim, prompts, projector=projector, weights=loaded.source,
                        weights_sha256=loaded.sha256, prompt_seed=prompt_seed)
 
@@ -277,8 +285,30 @@ def tiny_clip_student(seed: int = 0, teacher_dim: int = 64, prompts: PromptConfi
 # rebuilding from an identity (artefacts)
 
 
+def check_identity_prompts(identity: dict) -> None:
+    """Refuse prompt depths beyond the recorded architecture's layers, naming the identity key."""
+    arch, prompts = identity.get("arch") or {}, identity.get("prompts") or {}
+    for tower, depth_key in (("text", "text_depth"), ("vision", "vision_depth")):
+        depth, layers = prompts.get(depth_key), (arch.get(tower) or {}).get("layers")
+        if isinstance(depth, int) and isinstance(layers, int) and depth > layers:
+            raise IdentityError(f"backbone.prompts.{depth_key} = {depth}: prompts for layers 0..{depth - 1}, but the "
+                                f"CLIP {tower} tower (backbone.arch.{tower}.layers) has only {layers} layers")
+
+
+def _recorded_weights_error(path: str) -> Exception:
+    from promptkd.models.weights import UntrustedCheckpointError
+
+    return UntrustedCheckpointError(
+        f"{path}: the CLIP weights recorded in the artefact can only be read by unpickling them (a TorchScript "
+        "archive or a pickle holding Python objects), and --trust-checkpoint covers only files named on the "
+        "command line, never a path written inside an artefact. Convert the file once (promptkd convert "
+        f"{path} OUT.safetensors --trust-checkpoint) and pass OUT.safetensors as the CLIP weights "
+        "(--clip-weights; distill: --teacher-weights)")
+
+
 def _frozen_clip(identity: dict, image_only_tower: bool, weights: str | None, trust_checkpoint: bool,
                  state_dict: dict | None, dtype: torch.dtype | None) -> tuple[CLIP, str | None, str, int | None]:
+    check_identity_prompts(identity)
     cfg = CLIPConfig.from_dict(identity["arch"])
     if image_only_tower:
         cfg = cfg.image_only()
@@ -289,10 +319,18 @@ def _frozen_clip(identity: dict, image_only_tower: bool, weights: str | None, tr
         return (clip.to(dtype) if dtype else clip), identity.get("weights"), recorded or "", seed
     path = weights or identity.get("weights")
     if path:
-        from promptkd.models.weights import load_clip
+        from promptkd.models.clip_archs import recorded_arch
+        from promptkd.models.weights import UntrustedCheckpointError, load_clip
 
-        loaded = load_clip(path, trust_checkpoint=trust_checkpoint, dtype=dtype, image_only=image_only_tower,
-                           with_info=True)
+        # trust covers the file the caller named (weights=), never the path written in the artefact
+        trusted = bool(trust_checkpoint and weights)
+        try:
+            loaded = load_clip(path, trust_checkpoint=trusted, dtype=dtype, image_only=image_only_tower,
+                               with_info=True, arch=recorded_arch(cfg))
+        except UntrustedCheckpointError:
+            if weights:
+                raise
+            raise _recorded_weights_error(str(path)) from None
         if loaded.model.cfg != cfg:
             raise ValueError(f"{path}: the CLIP architecture in this file ({loaded.model.cfg}) differs from the "
                              f"one the artefact was trained with ({cfg})")

@@ -11,36 +11,68 @@ Formats (detected from the file, not the extension):
   that needs full unpickling is refused unless trusted.
 * Hugging Face ``transformers`` CLIP folders: ``config.json`` + ``model.safetensors`` (or sharded, or
   ``pytorch_model.bin``, read with ``weights_only=True`` only), with separate q/k/v projections.
+* open_clip models as published (``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin`` with
+  ``open_clip_config.json`` beside it): pass the folder or the weights file inside it.
 
-The architecture is inferred from tensor shapes. What shapes cannot say comes from ``config.json`` (HF),
-from the metadata of our own safetensors files (``save_clip``), or from OpenAI's conventions otherwise:
-heads = width // 64, QuickGELU (pass ``act="gelu"`` for e.g. LAION-trained open_clip models), eps 1e-5.
+The shapes come from the tensors. What tensors cannot say (attention heads per tower, QuickGELU or GELU,
+LayerNorm eps, image mean/std) comes, in this order, from ``arch=`` (CLI ``--arch``: a known name or an
+open_clip config, ``promptkd.models.clip_archs``), the metadata of our own safetensors files
+(``save_clip``, ``promptkd convert``), ``open_clip_config.json`` beside open_clip/OpenAI-named weights, or
+``config.json`` beside Hugging Face weights; every one of them is checked against the tensors, and two
+that disagree on the heads are refused. Without any of them: OpenAI's TorchScript files follow OpenAI's
+rule (heads = width // 64, QuickGELU); a tower shaped exactly like a known architecture's gets that
+architecture's heads (the activation is then assumed QuickGELU, with a warning); anything else is refused
+with a message saying what to pass. Heads are never guessed.
+
+Nothing is unpickled unless the caller trusts the file (``trust_checkpoint``), and a file is only called a
+pickle (and trust suggested) when it really is one: :func:`is_torch_pickle` parses its opcodes, never
+executing them (``promptkd.models.checkpoint_io`` reads the bytes; this module the architecture).
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import re
-import zipfile
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from promptkd.models.checkpoint_io import (  # noqa: F401  (re-exported: the loader's public names)
+    HF_WEIGHT_FILES,
+    UntrustedCheckpointError,
+    hf_to_openai,
+    is_hf_state_dict,
+    is_torch_pickle,
+    not_a_checkpoint_message,
+    read_hf_dir,
+    read_safetensors,
+    read_torch,
+    read_torchscript,
+    sniff,
+    strip_prefixes,
+    unwrap,
+)
 from promptkd.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+from promptkd.models.clip_archs import (
+    KNOWN_ARCHS,
+    OPEN_CLIP_CONFIG,
+    OPEN_CLIP_WEIGHTS,
+    ArchInfo,
+    ArchLike,
+    arch_info,
+    known_heads,
+    read_open_clip_config,
+    recorded_arch,
+)
 
 FORMAT_TAG = "promptkd-clip"
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 # entries of OpenAI's TorchScript state dict (and open_clip buffers) that are not weights
 NON_WEIGHT_KEYS = {"input_resolution", "context_length", "vocab_size", "attn_mask", "text.attn_mask"}
-
-
-class UntrustedCheckpointError(ValueError):
-    """Loading this file would run code from it, and the user has not said they trust it."""
+TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
 
 @dataclass
@@ -52,6 +84,7 @@ class ClipCheckpoint:
     source: str
     format: str  # "torchscript" | "safetensors" | "torch" | "hf"
     notes: list[str] = field(default_factory=list)
+    arch_source: str = ""  # what settled the heads / activation (a config file, --arch, a known shape...)
 
 
 @dataclass
@@ -60,180 +93,7 @@ class LoadedClip:
     sha256: str
     source: str
     format: str
-
-
-# --------------------------------------------------------------------------------------------------
-# reading raw tensors
-
-
-def _untrusted_message(path: Path, what: str) -> str:
-    return (f"{path}: {what}; loading it can run code from the file. If you trust where it comes from, pass "
-            f"trust_checkpoint=True (CLI: --trust-checkpoint), or convert it once to a plain tensor file: "
-            f"promptkd convert {path} OUT.safetensors --trust-checkpoint")
-
-
-def _sniff(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(b"PK"):
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except zipfile.BadZipFile as exc:
-            raise ValueError(f"{path}: damaged zip archive ({exc})") from exc
-        if any("/code/" in n or n.endswith("constants.pkl") for n in names):
-            return "torchscript"
-        return "torch"
-    if head[:1] == b"\x80":
-        return "torch"  # legacy (non-zip) torch.save pickle stream
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    raise ValueError(f"{path}: not a CLIP checkpoint this tool reads (neither safetensors, a torch.save "
-                     "file, nor a TorchScript archive)")
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as exc:
-        raise ValueError(f"{path}: unreadable safetensors file ({exc})") from exc
-
-
-def _read_torch(path: Path, trust_checkpoint: bool, allow_trust: bool = True) -> object:
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not (trust_checkpoint and allow_trust):
-            if not allow_trust:
-                raise ValueError(f"{path}: holds Python objects beyond tensors and is refused "
-                                 f"(only weights_only loading is allowed for this file): {exc}") from None
-            raise UntrustedCheckpointError(_untrusted_message(path, "this torch.save file holds Python "
-                                                                    "objects beyond tensors")) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
-    return torch.load(str(path), map_location="cpu", weights_only=False)
-
-
-def _read_torchscript(path: Path, trust_checkpoint: bool) -> dict[str, Tensor]:
-    if not trust_checkpoint:
-        raise UntrustedCheckpointError(_untrusted_message(path, "this is a TorchScript archive (as OpenAI's "
-                                                                "released CLIP .pt files are)"))
-    try:
-        module = torch.jit.load(str(path), map_location="cpu")
-    except Exception as exc:
-        raise ValueError(f"{path}: could not load this TorchScript archive ({exc})") from exc
-    return {k: v.detach() for k, v in module.state_dict().items()}
-
-
-def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    if not tensors:
-        raise ValueError(f"{path}: the file holds no tensors")
-    return tensors
-
-
-def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    for prefix in ("module.", "_orig_mod.", "model."):
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-# --------------------------------------------------------------------------------------------------
-# Hugging Face transformers names -> OpenAI names
-
-_HF_LAYER = re.compile(r"^(vision_model|text_model)\.encoder\.layers\.(\d+)\.(.+)$")
-_HF_BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-             "self_attn.out_proj": "attn.out_proj"}
-_HF_SINGLE = {
-    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-    "vision_model.embeddings.class_embedding": "visual.class_embedding",
-    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
-    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-    "text_model.embeddings.position_embedding.weight": "positional_embedding",
-    "text_model.final_layer_norm.weight": "ln_final.weight",
-    "text_model.final_layer_norm.bias": "ln_final.bias",
-    "logit_scale": "logit_scale",
-}
-_HF_TRANSPOSED = {"visual_projection.weight": "visual.proj", "text_projection.weight": "text_projection"}
-
-
-def is_hf_state_dict(state: dict[str, Tensor]) -> bool:
-    return any(k.startswith(("vision_model.", "text_model.")) for k in state)
-
-
-def hf_to_openai(state: dict[str, Tensor], source: str = "<state dict>") -> dict[str, Tensor]:
-    """Rename a transformers ``CLIPModel`` state dict to OpenAI names (q/k/v packed into in_proj)."""
-    out: dict[str, Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
-    unknown = []
-    for key, value in state.items():
-        if key.endswith("position_ids"):
-            continue
-        if key in _HF_SINGLE:
-            out[_HF_SINGLE[key]] = value
-        elif key in _HF_TRANSPOSED:
-            out[_HF_TRANSPOSED[key]] = value.t().contiguous()
-        elif m := _HF_LAYER.match(key):
-            tower = "visual.transformer" if m[1] == "vision_model" else "transformer"
-            base, rest = f"{tower}.resblocks.{m[2]}", m[3]
-            if am := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
-                qkv.setdefault((base, am[2]), {})[am[1]] = value
-                continue
-            module, _, param = rest.rpartition(".")
-            if module not in _HF_BLOCK:
-                unknown.append(key)
-                continue
-            out[f"{base}.{_HF_BLOCK[module]}.{param}"] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"{source}: unknown Hugging Face CLIP keys {sorted(unknown)[:8]} (only ViT CLIPModel "
-                         "checkpoints are supported)")
-    for (base, kind), parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise ValueError(f"{source}: {base.replace('resblocks', 'layers')} lacks "
-                             f"{sorted({'q', 'k', 'v'} - set(parts))}_proj.{kind}")
-        name = "in_proj_weight" if kind == "weight" else "in_proj_bias"
-        out[f"{base}.attn.{name}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
-
-
-def _read_hf_dir(path: Path) -> tuple[dict[str, Tensor], dict]:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path}: a Hugging Face CLIP folder needs config.json")
-    try:
-        hf_cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_file}: invalid JSON ({exc})") from exc
-    index = path / "model.safetensors.index.json"
-    if (path / "model.safetensors").is_file():
-        state, _ = _read_safetensors(path / "model.safetensors")
-    elif index.is_file():
-        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        if not shards:
-            raise ValueError(f"{index}: no weight_map")
-        state = {}
-        for shard in shards:
-            state.update(_read_safetensors(path / shard)[0])
-    elif (path / "pytorch_model.bin").is_file():
-        state = _unwrap(_read_torch(path / "pytorch_model.bin", False, allow_trust=False), path / "pytorch_model.bin")
-    else:
-        raise FileNotFoundError(f"{path}: no weights found (looked for {', '.join(HF_WEIGHT_FILES)})")
-    return state, hf_cfg
+    arch_source: str = ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,14 +115,8 @@ def _need(state: dict[str, Tensor], key: str, source: str) -> Tensor:
     return state[key]
 
 
-def _heads_from_hf(hf_cfg: dict | None, tower: str, width: int) -> int:
-    sub = (hf_cfg or {}).get(f"{tower}_config") or {}
-    return int(sub.get("num_attention_heads") or max(1, width // 64))
-
-
-def infer_config(state: dict[str, Tensor], source: str = "<state dict>", act: str | None = None,
-                 hf_config: dict | None = None) -> CLIPConfig:
-    """The CLIP architecture of an OpenAI-named state dict (heads/act/eps from ``hf_config`` if given)."""
+def _tensor_shapes(state: dict[str, Tensor], source: str) -> CLIPConfig:
+    """The architecture as far as the tensors fix it (heads set to 1: the tensors do not say)."""
     if any(k.startswith("visual.layer1.") for k in state) or "visual.attnpool.c_proj.weight" in state:
         raise ValueError(f"{source}: a ResNet CLIP; only ViT CLIP models are supported")
     if any(k.startswith(("prompt_learner.", "image_encoder.")) for k in state):
@@ -275,78 +129,203 @@ def infer_config(state: dict[str, Tensor], source: str = "<state dict>", act: st
     grid = round((positions - 1) ** 0.5)
     if grid * grid + 1 != positions:
         raise ValueError(f"{source}: visual.positional_embedding has {positions} rows, not 1 + a square grid")
-    v_layers = _layer_count(state, "visual.transformer.resblocks.", source)
-    vision = VisionConfig(width=width, layers=v_layers, heads=_heads_from_hf(hf_config, "vision", width),
+    vision = VisionConfig(width=width, layers=_layer_count(state, "visual.transformer.resblocks.", source), heads=1,
                           patch_size=patch, image_size=patch * grid,
                           mlp_width=_need(state, "visual.transformer.resblocks.0.mlp.c_fc.weight", source).shape[0])
     text = None
     if "token_embedding.weight" in state:
-        t_width = _need(state, "ln_final.weight", source).shape[0]
-        text = TextConfig(width=t_width, layers=_layer_count(state, "transformer.resblocks.", source),
-                          heads=_heads_from_hf(hf_config, "text", t_width),
+        text = TextConfig(width=_need(state, "ln_final.weight", source).shape[0],
+                          layers=_layer_count(state, "transformer.resblocks.", source), heads=1,
                           context_length=_need(state, "positional_embedding", source).shape[0],
                           vocab_size=state["token_embedding.weight"].shape[0],
                           mlp_width=_need(state, "transformer.resblocks.0.mlp.c_fc.weight", source).shape[0])
-    eps = 1e-5
+    return CLIPConfig(embed_dim=proj.shape[1], vision=vision, text=text)
+
+
+def _hf_arch(hf_cfg: dict, shapes: CLIPConfig, source: str) -> ArchInfo:
+    """What a transformers ``config.json`` says (missing keys take transformers' CLIP defaults)."""
+    subs = {"vision": hf_cfg.get("vision_config") or {}, "text": hf_cfg.get("text_config") or {}}
+    acts = {s.get("hidden_act", "quick_gelu") for s in subs.values()}
+    if len(acts) > 1:
+        raise ValueError(f"{source}: text and vision towers use different activations {sorted(acts)}")
+    act = acts.pop()
+    if act not in ("quick_gelu", "gelu"):
+        raise ValueError(f"{source}: unsupported hidden_act {act!r} (quick_gelu or gelu)")
+    epss = {float(s.get("layer_norm_eps", 1e-5)) for s in subs.values()}
+    if len(epss) > 1:
+        raise ValueError(f"{source}: text and vision towers use different layer_norm_eps {sorted(epss)}")
+    # transformers' CLIPVisionConfig / CLIPTextConfig defaults: 12 and 8 heads
+    vision = replace(shapes.vision, heads=int(subs["vision"].get("num_attention_heads", 12)))
+    text = replace(shapes.text, heads=int(subs["text"].get("num_attention_heads", 8))) if shapes.text else None
+    try:
+        cfg = replace(shapes, vision=vision, text=text, act=act, ln_eps=epss.pop())
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    return ArchInfo(source, cfg, act=act)
+
+
+_CHECKED = {"vision": ("width", "layers", "patch_size", "image_size", "mlp_width"),
+            "text": ("width", "layers", "context_length", "vocab_size", "mlp_width")}
+
+
+def _check_against_tensors(shapes: CLIPConfig, info: ArchInfo, source: str) -> None:
+    """Refuse an architecture description that does not fit the tensors (naming the first difference)."""
+    diffs = []
+    if info.config.embed_dim != shapes.embed_dim:
+        diffs.append(f"embed_dim {info.config.embed_dim} (tensors: {shapes.embed_dim})")
+    for tower, fields in _CHECKED.items():
+        ours, theirs = getattr(shapes, tower), getattr(info.config, tower)
+        if ours is None or theirs is None:
+            continue
+        diffs += [f"{tower} {f} {getattr(theirs, f)} (tensors: {getattr(ours, f)})"
+                  for f in fields if getattr(theirs, f) != getattr(ours, f)]
+    if diffs:
+        raise ValueError(f"{source}: {info.source} does not describe this checkpoint: {'; '.join(diffs[:4])}")
+
+
+def _refusal(source: str, tower: str, t) -> ValueError:
+    return ValueError(
+        f"{source}: cannot tell how many attention heads the {tower} tower has (width {t.width}, {t.layers} layers, "
+        f"MLP {t.mlp_width}: not a known architecture's, and the file records none). Say which architecture it "
+        f"is: --arch NAME (arch= in Python; {', '.join(KNOWN_ARCHS)}, '-quickgelu' variants, OpenAI's ViT-B/16...), "
+        f"or --arch FILE.json with its open_clip model config, or put its {OPEN_CLIP_CONFIG} beside the weights")
+
+
+def resolve_config(shapes: CLIPConfig, sources: list[ArchInfo], source: str, *, act: str | None = None,
+                   openai_rule: bool = False) -> tuple[CLIPConfig, str, list[str]]:
+    """(config, what settled it, notes): the tensors' shapes plus heads/act/eps/normalisation.
+
+    ``sources`` in priority order, each checked against the shapes; they must agree on the heads.
+    Without sources: OpenAI's rule if ``openai_rule`` (TorchScript), else a known architecture's heads
+    when a tower's shape is exactly one, else a ValueError saying what to pass."""
+    notes: list[str] = []
+    for info in sources:
+        _check_against_tensors(shapes, info, source)
+        notes += list(info.notes)
+    has_text = shapes.text is not None
+    if sources:
+        v_said = {i.config.vision.heads for i in sources}
+        t_said = {i.config.text.heads for i in sources if i.config.text is not None} if has_text else set()
+        if len(v_said) > 1 or len(t_said) > 1:
+            listed = "; ".join(f"{i.source}: {i.config.vision.heads} vision"
+                               + (f" / {i.config.text.heads} text" if has_text and i.config.text else "") + " heads"
+                               for i in sources)
+            raise ValueError(f"{source}: the architecture descriptions disagree on the attention heads ({listed})")
+        if has_text and not t_said:
+            raise _refusal(source, "text", shapes.text)
+        first = sources[0]
+        v_heads, text_heads, settled = v_said.pop(), t_said.pop() if has_text else None, first.source
+        base_act = next((i.act for i in sources if i.act), None) or "quick_gelu"
+        eps = first.config.ln_eps
+        mean = next((i.mean for i in sources if i.mean), shapes.mean)
+        std = next((i.std for i in sources if i.std), shapes.std)
+    elif openai_rule:
+        v_heads, text_heads = max(1, shapes.vision.width // 64), max(1, shapes.text.width // 64) if has_text else None
+        settled, base_act, eps, mean, std = "OpenAI's rule for its TorchScript files (heads = width // 64)", \
+            "quick_gelu", 1e-5, shapes.mean, shapes.std
+    else:
+        v = shapes.vision
+        v_heads = known_heads(v.width, v.layers, v.mlp_width, "vision")
+        if v_heads is None:
+            raise _refusal(source, "vision", v)
+        text_heads = None
+        if has_text:
+            t = shapes.text
+            text_heads = known_heads(t.width, t.layers, t.mlp_width, "text")
+            if text_heads is None:
+                raise _refusal(source, "text", t)
+        settled, base_act, eps, mean, std = "the shape of a known architecture", "quick_gelu", 1e-5, shapes.mean, shapes.std
+        if act is None:
+            notes.append(f"{source}: the file does not record its activation; QuickGELU assumed (OpenAI's releases). "
+                         "LAION/DataComp open_clip models use GELU: pass --arch with open_clip's name of the "
+                         "architecture (e.g. ViT-B-16: GELU; ViT-B-16-quickgelu or OpenAI's ViT-B/16: QuickGELU) "
+                         f"or put its {OPEN_CLIP_CONFIG} beside it")
+    try:
+        cfg = replace(shapes, vision=replace(shapes.vision, heads=v_heads),
+                      text=replace(shapes.text, heads=text_heads) if has_text else None,
+                      act=act or base_act, ln_eps=eps, mean=mean, std=std)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc} ({settled})") from None
+    return cfg, settled, notes
+
+
+def infer_config(state: dict[str, Tensor], source: str = "<state dict>", act: str | None = None,
+                 hf_config: dict | None = None, arch: ArchLike | None = None,
+                 openai_rule: bool = False) -> CLIPConfig:
+    """The CLIP architecture of an OpenAI-named state dict (see :func:`resolve_config`)."""
+    shapes = _tensor_shapes(state, source)
+    sources = [arch_info(arch)] if arch is not None else []
     if hf_config is not None:
-        subs = [hf_config.get("vision_config") or {}, hf_config.get("text_config") or {}]
-        acts = {s.get("hidden_act", "quick_gelu") for s in subs}
-        if len(acts) > 1:
-            raise ValueError(f"{source}: text and vision towers use different activations {sorted(acts)}")
-        hf_act = acts.pop()
-        if hf_act not in ("quick_gelu", "gelu"):
-            raise ValueError(f"{source}: unsupported hidden_act {hf_act!r} (quick_gelu or gelu)")
-        act = act or hf_act
-        epss = {float(s.get("layer_norm_eps", 1e-5)) for s in subs}
-        if len(epss) > 1:
-            raise ValueError(f"{source}: text and vision towers use different layer_norm_eps {sorted(epss)}")
-        eps = epss.pop()
-    return CLIPConfig(embed_dim=proj.shape[1], vision=vision, text=text, act=act or "quick_gelu", ln_eps=eps)
+        sources.append(_hf_arch(hf_config, shapes, source))
+    return resolve_config(shapes, sources, source, act=act, openai_rule=openai_rule)[0]
 
 
 # --------------------------------------------------------------------------------------------------
 # public entry points
 
 
-def read_clip_checkpoint(path: str | Path, trust_checkpoint: bool = False, act: str | None = None) -> ClipCheckpoint:
-    """Read any supported CLIP checkpoint into OpenAI names and infer its architecture."""
+def _open_clip_folder_weights(folder: Path) -> Path | None:
+    """The weights file of an open_clip model folder (``open_clip_config.json`` + its weights), if any."""
+    if not (folder / OPEN_CLIP_CONFIG).is_file():
+        return None
+    for name in OPEN_CLIP_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    if (folder / "config.json").is_file():
+        return None  # a Hugging Face folder that also carries open_clip's config
+    raise FileNotFoundError(f"{folder}: {OPEN_CLIP_CONFIG} but none of {', '.join(OPEN_CLIP_WEIGHTS)}; pass the "
+                            "weights file itself (the config beside it is read)")
+
+
+def read_clip_checkpoint(path: str | Path, trust_checkpoint: bool = False, act: str | None = None,
+                         arch: ArchLike | None = None, image_only: bool = False) -> ClipCheckpoint:
+    """Read any supported CLIP checkpoint into OpenAI names and infer its architecture.
+
+    ``arch``: a known name, an open_clip config (file or dict) or a :class:`CLIPConfig` (see
+    ``promptkd.models.clip_archs.arch_info``). ``image_only`` drops the text tower before anything is
+    inferred (its heads then need not be known)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
     path = path.resolve()
-    hf_cfg, meta, notes = None, {}, []
+    if path.is_dir() and (weights_file := _open_clip_folder_weights(path)) is not None:
+        path = weights_file
+    hf_cfg, meta, torchscript = None, {}, False
     if path.is_dir():
-        raw, hf_cfg = _read_hf_dir(path)
+        raw, hf_cfg = read_hf_dir(path)
         fmt = "hf"
     else:
-        fmt = _sniff(path)
+        fmt = sniff(path)
         if fmt == "safetensors":
-            raw, meta = _read_safetensors(path)
+            raw, meta = read_safetensors(path)
         elif fmt == "torchscript":
-            raw = _read_torchscript(path, trust_checkpoint)
+            raw, torchscript = read_torchscript(path, trust_checkpoint), True
         else:
-            raw = _unwrap(_read_torch(path, trust_checkpoint), path)
-        if (path.parent / "config.json").is_file() and is_hf_state_dict(_strip_prefixes(raw)):
-            hf_cfg = json.loads((path.parent / "config.json").read_text())
-    state = _strip_prefixes(raw)
-    if is_hf_state_dict(state):
+            raw = unwrap(read_torch(path, trust_checkpoint), path)
+    state = strip_prefixes(raw)
+    hf_named = is_hf_state_dict(state)
+    if hf_named:
         state = hf_to_openai(state, str(path))
-        if hf_cfg is None:
-            notes.append("no config.json beside the file: heads = width // 64 and QuickGELU assumed")
+        if hf_cfg is None and (path.parent / "config.json").is_file():
+            from promptkd.fileio import read_json
+
+            hf_cfg = read_json(path.parent / "config.json", "Hugging Face config")
     elif any(k.startswith("text.") for k in state):  # open_clip CustomTextCLIP with its own text tower
         state = {k[len("text."):] if k.startswith("text.") else k: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if k not in NON_WEIGHT_KEYS}
-    config = infer_config(state, str(path), act=act, hf_config=hf_cfg)
-    if meta.get("format") == FORMAT_TAG and "config" in meta:  # our own file: heads/act/eps recorded
-        recorded = CLIPConfig.from_dict(json.loads(meta["config"]))
-        same_shapes = replace(
-            config, act=recorded.act, ln_eps=recorded.ln_eps, vision=replace(config.vision, heads=recorded.vision.heads),
-            text=replace(config.text, heads=recorded.text.heads) if config.text and recorded.text else config.text)
-        if same_shapes != recorded:
-            raise ValueError(f"{path}: the architecture in the file's metadata ({recorded}) does not match its "
-                             f"tensors ({config})")
-        config = recorded if act is None else replace(recorded, act=act)
-    return ClipCheckpoint(state, config, str(path), fmt, notes)
+    if image_only:
+        state = {k: v for k, v in state.items() if not k.startswith(TEXT_PREFIXES)}
+    shapes = _tensor_shapes(state, str(path))
+    sources = [arch_info(arch)] if arch is not None else []
+    if meta.get("format") == FORMAT_TAG and "config" in meta:  # our own file: the architecture is recorded
+        sources.append(recorded_arch(CLIPConfig.from_dict(json.loads(meta["config"])), "the file's metadata"))
+    base = path if path.is_dir() else path.parent
+    if not hf_named and (base / OPEN_CLIP_CONFIG).is_file():
+        sources.append(read_open_clip_config(base / OPEN_CLIP_CONFIG))
+    if hf_cfg is not None:
+        sources.append(_hf_arch(hf_cfg, shapes, str(base / "config.json")))
+    config, settled, notes = resolve_config(shapes, sources, str(path), act=act, openai_rule=torchscript)
+    return ClipCheckpoint(state, config, str(path), fmt, notes, settled)
 
 
 def check_state_dict(model: CLIP, state: dict[str, Tensor], source: str) -> None:
@@ -369,14 +348,17 @@ def check_state_dict(model: CLIP, state: dict[str, Tensor], source: str) -> None
 
 def load_clip(path: str | Path, trust_checkpoint: bool = False, device: str | torch.device | None = None,
               dtype: torch.dtype | None = None, image_only: bool = False, act: str | None = None,
-              with_info: bool = False) -> CLIP | LoadedClip:
+              with_info: bool = False, arch: ArchLike | None = None) -> CLIP | LoadedClip:
     """Build our CLIP from a checkpoint and load it strictly (float32 unless ``dtype``), in eval mode.
 
-    ``image_only`` drops the text tower (students). ``with_info`` returns a :class:`LoadedClip` with the
-    format-independent checksum of the loaded tensors."""
+    ``image_only`` drops the text tower (students). ``arch`` says what the file cannot (see
+    :func:`read_clip_checkpoint`). ``with_info`` returns a :class:`LoadedClip` with the
+    format-independent checksum of the loaded tensors. Assumptions are reported as warnings."""
     from promptkd.models.clip_backbones import tensors_sha256
 
-    ckpt = read_clip_checkpoint(path, trust_checkpoint=trust_checkpoint, act=act)
+    ckpt = read_clip_checkpoint(path, trust_checkpoint=trust_checkpoint, act=act, arch=arch, image_only=image_only)
+    for note in ckpt.notes:
+        warnings.warn(note, stacklevel=2)
     cfg, state = ckpt.config, ckpt.state_dict
     if image_only:
         cfg = cfg.image_only()
@@ -388,31 +370,34 @@ def load_clip(path: str | Path, trust_checkpoint: bool = False, device: str | to
     if not with_info:
         return model
     # checksum of the tensors as stored (before any dtype change), so it names the weights, not the run
-    return LoadedClip(model, tensors_sha256(state), ckpt.source, ckpt.format)
+    return LoadedClip(model, tensors_sha256(state), ckpt.source, ckpt.format, ckpt.arch_source)
 
 
 def save_clip(model_or_state: CLIP | dict[str, Tensor], path: str | Path, config: CLIPConfig | None = None) -> Path:
-    """Write OpenAI-named tensors to ``.safetensors`` with the architecture in the metadata."""
+    """Write OpenAI-named tensors to ``.safetensors`` with the architecture in the metadata, atomically
+    (mode as the umask says), so the file loads alone."""
+    from promptkd.fileio import atomic_save_with
+
     if isinstance(model_or_state, CLIP):
         state, config = model_or_state.state_dict(), model_or_state.cfg
     else:
         state = model_or_state
     if config is None:
         config = infer_config(state)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(path), metadata={"format": FORMAT_TAG, "config": json.dumps(config.to_dict())})
-    return path
+    metadata = {"format": FORMAT_TAG, "config": json.dumps(config.to_dict())}
+    return atomic_save_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, trust_checkpoint: bool = False,
-                       dtype: torch.dtype | None = None, act: str | None = None) -> ClipCheckpoint:
-    """Any readable CLIP checkpoint -> one safetensors file in OpenAI names (dtype kept unless given)."""
+                       dtype: torch.dtype | None = None, act: str | None = None,
+                       arch: ArchLike | None = None) -> ClipCheckpoint:
+    """Any readable CLIP checkpoint -> one safetensors file in OpenAI names (dtype kept unless given),
+    with the resolved architecture (heads, activation, normalisation) in its metadata."""
     dst = Path(dst)
     if dst.suffix != ".safetensors":
         raise ValueError(f"{dst}: the output must be a .safetensors file")
-    ckpt = read_clip_checkpoint(src, trust_checkpoint=trust_checkpoint, act=act)
+    ckpt = read_clip_checkpoint(src, trust_checkpoint=trust_checkpoint, act=act, arch=arch)
     check_state_dict(CLIP(ckpt.config), ckpt.state_dict, ckpt.source)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in ckpt.state_dict.items()}
     save_clip(state, dst, ckpt.config)
