@@ -11,17 +11,6 @@ import pytest
 
 from promptkd.cli import build_parser
 
-# commands whose help was incomplete when this test was written (their owners are fixing them); a fixed
-# command shows up as XPASS: then delete its line
-KNOWN_INCOMPLETE = {
-    "data check": "--max-problems does not state its default",
-    "data fixture": "positional and options without help",
-    "train-teacher": "--config does not state its default",
-    "class-vectors": "--batch-size does not state its default",
-    "evaluate": "--model/--protocol/--batch-size without help; --device/--precision defaults not stated",
-    "predict": "--batch-size without help",
-    "export": "--format/--out without help",
-}
 NO_DEFAULT = (None, False, [], argparse.SUPPRESS)
 
 
@@ -58,9 +47,7 @@ def test_every_registered_subcommand_is_checked():
     assert {"demo", "report", "train-teacher", "distill", "evaluate", "predict"} <= set(COMMANDS)
 
 
-@pytest.mark.parametrize("command", [
-    pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_INCOMPLETE[c], strict=False)) if c in KNOWN_INCOMPLETE
-    else c for c in sorted(COMMANDS)])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_option_has_help_with_its_default(command):
     offenders = help_offenders(COMMANDS[command])
     assert not offenders, f"promptkd {command}: " + "; ".join(offenders)

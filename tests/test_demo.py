@@ -76,9 +76,12 @@ def test_quick_demo_end_to_end_through_the_cli(tmp_path, demo_cache_dir, monkeyp
     samples = sorted((run / "samples").glob("*.png"))
     assert len(samples) == 20 and {p.name.rsplit("_", 1)[0] for p in samples} >= {"ankle_boot", "t-shirt"}
     assert main(["predict", "runs/demo-quick/samples", "--student", "runs/demo-quick/student", "--json",
-                 "--top-k", "1"]) == 0
+                 "--top-k", "1"]) == 0  # as printed (the default backend and precision)
     preds = json.loads(capsys.readouterr().out)
-    assert [Path(p["image"]).name for p in preds] == [p.name for p in samples]
+    assert [Path(p["path"]).name for p in preds] == [p.name for p in samples] and all(p["predictions"] for p in preds)
+    assert main(["predict", "runs/demo-quick/samples", "--student", "runs/demo-quick/student", "--json",
+                 "--top-k", "1", "--backend", "torch", "--precision", "fp32"]) == 0
+    preds = json.loads(capsys.readouterr().out)
     # the same images decoded here and classified by the student in memory: the same top-1 class
     import numpy as np
     from PIL import Image

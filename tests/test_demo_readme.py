@@ -1,5 +1,5 @@
 """The README's demo table is what `promptkd demo` prints (to 0.3 HM, the spread measured across CPU-kernel
-variants by benchmarks/demo_stability.py). The full demo: about 75 s cold on 2 cores, so it runs only with
+variants by benchmarks/demo_stability.py). The full demo: about 80 s cold on 2 cores, so it runs only with
 PROMPTKD_TEST_FULL_DEMO=1 (CI sets it, in a step of its own)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(bool(missing_requirements(None)), reason="demo data or packages not installed"),
     pytest.mark.skipif(os.environ.get("PROMPTKD_TEST_FULL_DEMO") != "1",
-                       reason="the full demo (~75 s); set PROMPTKD_TEST_FULL_DEMO=1"),
+                       reason="the full demo (~80 s); set PROMPTKD_TEST_FULL_DEMO=1"),
 ]
 
 

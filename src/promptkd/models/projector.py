@@ -7,7 +7,6 @@ features viewed as [B, D, 1, 1] (for 512 -> 768: 986,112 parameters, the paper's
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 PROJECTORS = ("mlp", "linear")
@@ -27,11 +26,8 @@ class ConvProjector(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"projector expects features [B, {self.in_dim}], got {tuple(x.shape)}")
-        # a 1x1 conv on [B, D, 1, 1] is a linear map: run it as one (same parameters; oneDNN's convolution
-        # backward on 1x1 maps measured ~5x slower than the matrix product on CPU)
-        x = F.linear(x.to(self.conv1.weight.dtype), self.conv1.weight.flatten(1), self.conv1.bias)
-        x = self.relu(self.bn(x[:, :, None, None]))[:, :, 0, 0]
-        return F.linear(x, self.conv2.weight.flatten(1), self.conv2.bias)
+        x = x.to(self.conv1.weight.dtype)[:, :, None, None]
+        return self.conv2(self.relu(self.bn(self.conv1(x))))[:, :, 0, 0]
 
 
 class LinearProjector(nn.Module):
