@@ -11,6 +11,8 @@ import struct
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors import safe_open
 
 from promptkd.demo import fashion_mnist as fm
 from promptkd.demo.align import fit_ridge, imagenet_classnames
@@ -113,6 +115,36 @@ def test_efficientnet_lite_matches_the_reference_implementation():
         assert torch.allclose(ours.tail(ours.trunk(x, split), split), ours.features(x), atol=1e-5)
 
 
+def test_same_padding_convolution_matches_an_explicit_tensorflow_pad():
+    from promptkd.demo.effnet import same_conv2d
+
+    torch.manual_seed(0)
+    for size in (7, 8, 16, 17):
+        for kernel, stride, groups in ((3, 1, 1), (3, 2, 1), (5, 2, 4), (5, 1, 4), (1, 1, 1)):
+            x, w = torch.randn(2, 4, size, size), torch.randn(4, 4 // groups, kernel, kernel)
+            # TF "SAME": output ceil(size / stride), the odd padding pixel at the bottom/right
+            out = -(-size // stride)
+            total = max((out - 1) * stride + kernel - size, 0)
+            ref = F.conv2d(F.pad(x, [total // 2, total - total // 2] * 2), w, None, stride, 0, 1, groups)
+            got = same_conv2d(x, w, None, stride, groups)
+            assert got.shape == (2, 4, out, out) and torch.allclose(got, ref, atol=1e-5), (size, kernel, stride)
+
+
+@needs_weights
+def test_folded_trunk_matches_the_module_by_module_trunk():
+    from promptkd.demo.effnet import FoldedTrunk, load_efficientnet_lite
+
+    model = load_efficientnet_lite("efficientnet-lite0")
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 64, 64)
+    for n_blocks in (0, 3, model.stage_end(5)):
+        with torch.no_grad():
+            ref = model.trunk(x, n_blocks)
+        got = FoldedTrunk(model, n_blocks)(x)
+        assert got.is_contiguous() and got.shape == ref.shape
+        assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max().item()), n_blocks
+
+
 @needs_weights
 def test_efficientnet_lite_refuses_wrong_weights(tmp_path):
     from promptkd.demo.effnet import load_efficientnet_lite, weights_path
@@ -172,3 +204,41 @@ def test_teacher_artefact_round_trip_through_the_builder_registry(small_teacher,
         assert torch.allclose(loaded.encode_class_names(names), teacher.encode_class_names(names), atol=1e-6)
         assert torch.allclose(loaded.encode_image(x), teacher.encode_image(x), atol=1e-6)
     assert meta["backbone"]["kind"] == "demo"
+
+
+# --- packaged MiniLM embeddings of the ImageNet names ---------------------------------------------------
+
+@needs_weights
+def test_packaged_name_embeddings_are_what_minilm_computes():
+    from promptkd.artifacts import file_sha256
+    from promptkd.demo import align
+    from promptkd.demo.text import MiniLMText
+
+    text = MiniLMText()
+    packaged = align.cached_name_embeddings(text, None, file_sha256(text.weights_file))
+    names = align.imagenet_classnames()
+    picks = [0, 1, 417, 770, 999]  # tench, goldfish, balloon, sneaker (running shoe), toilet paper
+    with torch.no_grad():
+        fresh = align.template_embeddings(text.embed, [names[i] for i in picks])
+    assert packaged.shape == (1000, 384) and packaged.dtype == torch.float32
+    assert torch.allclose(packaged[picks], fresh, atol=1e-5)  # (float32 kernels differ in the last bits)
+    assert torch.allclose(packaged.norm(dim=-1), torch.ones(1000), atol=1e-5)
+
+
+def test_name_embeddings_come_from_the_package_only_for_the_same_encoder(tmp_path, monkeypatch):
+    from promptkd.demo import align
+
+    computed = []
+
+    def compute(_encoder):
+        computed.append(1)
+        return torch.full((1000, 384), 0.5)
+
+    monkeypatch.setattr(align, "compute_name_embeddings", compute)
+    with safe_open(str(align.packaged_name_embeddings_path()), framework="pt") as f:
+        text_sha = f.metadata()["text_weights_sha256"]  # the MiniLM weights it was made from
+    assert align.cached_name_embeddings(None, tmp_path, text_sha).shape == (1000, 384) and not computed
+    other = align.cached_name_embeddings(None, tmp_path, "0" * 64)  # other MiniLM weights: computed, cached
+    assert computed == [1] and torch.equal(other, torch.full((1000, 384), 0.5))
+    again = align.cached_name_embeddings(None, tmp_path, "0" * 64)
+    assert computed == [1] and torch.equal(again, other)

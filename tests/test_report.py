@@ -174,3 +174,38 @@ def test_selection_rules_across_model_kinds(tmp_path):
     md = make_report(root, tmp_path / "b", plot=False).markdown
     assert "**Mixed model-selection rules in this base2novel table**" in md
     assert "some models were selected with test-set labels and others were not" in md
+
+
+def test_a_demo_folder_gives_every_row_once_and_no_problem(tmp_path, capsys):
+    """`promptkd demo` writes a summary results.json at the top and one per row; its two zero-shot rows
+    (teacher and student backbones) are told apart by their "name"."""
+    root = tmp_path / "demo"
+    rows = {"zeroshot_teacher": ("zeroshot", "zeroshot (teacher backbone)", "none", 38.5, 52.8),
+            "zeroshot_student": ("zeroshot", "zeroshot (student backbone)", "none", 24.1, 53.6),
+            "teacher": ("teacher", "teacher", "gpa", 74.2, 55.5),
+            "student": ("student", "student", "last_epoch", 77.2, 62.4)}
+    for folder, (model, name, selection, b, n) in rows.items():
+        (root / folder).mkdir(parents=True)
+        (root / folder / "results.json").write_text(json.dumps({
+            "protocol": "base2novel", "dataset": "fashion_mnist", "seed": 1, "model": model, "name": name,
+            "selection": selection, "metrics": {"base": b, "novel": n, "hm": hm(b, n)}}))
+    summary = {"kind": "promptkd-demo-summary", "dataset": "fashion_mnist", "protocol": "base2novel", "seed": 1,
+               "rows": {"student": {"base": 77.2, "novel": 62.4, "hm": 69.0}}}
+    (root / "results.json").write_text(json.dumps(summary))
+    assert main(["report", str(root), "--no-plot"]) == 0
+    captured = capsys.readouterr()
+    assert "Problems" not in captured.out and "skipped" not in captured.out and "duplicate" not in captured.out
+    assert "4 result file(s)" in captured.out
+    section = captured.out.split("### zeroshot (teacher backbone) (selection: none; paper row: CLIP)")[1]
+    assert section.split("\n\n")[1].splitlines()[2] == "| fashion_mnist | 38.50 | 52.80 | 44.53 | 1 | — | — | — | — |"
+    table = list(csv.DictReader((root / "report.csv").open()))
+    models = [r["model"] for r in table if r["dataset"] == "fashion_mnist"]
+    assert models == ["zeroshot (student backbone)", "zeroshot (teacher backbone)", "teacher", "student"]
+    by_model = {r["model"]: r for r in table if r["dataset"] == "fashion_mnist"}
+    assert float(by_model["zeroshot (teacher backbone)"]["base_mean"]) == 38.5
+    assert float(by_model["zeroshot (student backbone)"]["novel_mean"]) == 53.6
+    assert by_model["zeroshot (teacher backbone)"]["kind"] == "zeroshot"
+    # an older demo summary (no "kind") is also recognised and passed over
+    del summary["kind"]
+    (root / "results.json").write_text(json.dumps(summary))
+    assert not make_report(root, tmp_path / "old", plot=False).problems

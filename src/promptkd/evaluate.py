@@ -271,11 +271,11 @@ def extract_features(
     desc: str = "features",
 ) -> tuple[Tensor, Tensor]:
     """(features [N, D] float32 on CPU, labels [N]) in loader order, one forward pass per image."""
-    from tqdm.auto import tqdm
+    from promptkd.progress import progress_bar
 
     device = torch.device(device)
     feats, labels = [], []
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for batch in progress_bar(loader, desc=desc, unit="batch", enabled=progress, leave=False):
         images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = encode_image(images)

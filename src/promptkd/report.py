@@ -48,6 +48,12 @@ class Record:
     metrics: dict
     path: str
     created: str = ""
+    name: str = ""  # optional "name" in results.json: tells apart two models of one kind (e.g. two zero-shot)
+
+    @property
+    def label(self) -> str:
+        """The model's row name in the tables: its ``name`` if it has one, else its kind."""
+        return self.name or self.model
 
 
 @dataclass
@@ -85,6 +91,11 @@ class Cell:
     expected_seeds: list[int] = field(default_factory=list)
 
     @property
+    def kind(self) -> str:
+        """zeroshot, teacher or student (``model`` is the row's label, which may be a name)."""
+        return self.records[0].model if self.records else self.model
+
+    @property
     def seeds(self) -> list[int]:
         return sorted(r.seed for r in self.records)
 
@@ -115,6 +126,19 @@ class Cell:
 # collecting
 
 
+DEMO_SUMMARY_KIND = "promptkd-demo-summary"
+
+
+def is_demo_summary(data: object) -> bool:
+    """The summary `promptkd demo` writes at the top of its folder: its rows are also written, one
+    results.json each, in the sub-folders (the summary itself is not a row)."""
+    if not isinstance(data, dict):
+        return False
+    if data.get("kind") == DEMO_SUMMARY_KIND:
+        return True
+    return isinstance(data.get("rows"), dict) and "model" not in data and "metrics" not in data  # older demos
+
+
 def _validate(data: object, path: Path) -> Record:
     if not isinstance(data, dict):
         raise ValueError("top level is not an object")
@@ -129,15 +153,20 @@ def _validate(data: object, path: Path) -> Record:
     metrics = data["metrics"]
     if not isinstance(metrics, dict) or any(not isinstance(metrics.get(k), (int, float)) for k in need):
         raise ValueError(f"metrics must hold numbers for {list(need)}")
+    name = data.get("name") or ""
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a string, got {name!r}")
     return Record(str(data["protocol"]), str(data["dataset"]), int(data["seed"]), str(data["model"]),
-                  str(data.get("selection") or "unspecified"), dict(metrics), str(path), str(data.get("created", "")))
+                  str(data.get("selection") or "unspecified"), dict(metrics), str(path), str(data.get("created", "")),
+                  name)
 
 
 def collect(runs_dir: str | Path) -> tuple[list[Record], list[str]]:
     """Every valid results.json under ``runs_dir`` and a list of problems (bad files, duplicates).
 
     Two files for the same (protocol, dataset, model, seed) are a problem; the newer (``created``,
-    then path) is kept and both are named."""
+    then path) is kept and both are named. Models of one kind with different ``name`` s are different
+    rows. The demo's own summary file is not a row and is passed over."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"runs folder not found: {root}")
@@ -145,15 +174,18 @@ def collect(runs_dir: str | Path) -> tuple[list[Record], list[str]]:
     found: dict[tuple, Record] = {}
     for path in sorted(root.rglob(RESULTS_FILE)):
         try:
-            record = _validate(json.loads(path.read_text()), path)
+            data = json.loads(path.read_text())
+            if is_demo_summary(data):
+                continue
+            record = _validate(data, path)
         except (json.JSONDecodeError, ValueError, TypeError) as exc:
             problems.append(f"{path}: skipped, not a valid results file ({exc})")
             continue
-        key = (record.protocol, record.dataset, record.model, record.seed)
+        key = (record.protocol, record.dataset, record.label, record.seed)
         if key in found:
             old = found[key]
             keep, drop = sorted([old, record], key=lambda r: (r.created, r.path))[::-1]
-            problems.append(f"duplicate {record.model} {record.dataset} seed {record.seed} ({record.protocol}): "
+            problems.append(f"duplicate {record.label} {record.dataset} seed {record.seed} ({record.protocol}): "
                             f"{drop.path} and {keep.path}; using {keep.path}")
             found[key] = keep
         else:
@@ -168,7 +200,7 @@ def build_cells(records: Iterable[Record], protocol: str, seeds: Sequence[int] |
     expected = sorted(seeds) if seeds else sorted({r.seed for r in recs})
     grouped: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for r in recs:
-        grouped[(r.model, r.dataset)].append(r)
+        grouped[(r.label, r.dataset)].append(r)
     return {k: Cell(protocol, k[0], k[1], v, expected) for k, v in grouped.items()}
 
 
@@ -176,8 +208,15 @@ def _sorted_datasets(names: Iterable[str]) -> list[str]:
     return sorted(set(names), key=lambda d: (DATASET_ORDER.get(d, len(DATASET_ORDER)), d))
 
 
-def _sorted_models(names: Iterable[str]) -> list[str]:
-    return sorted(set(names), key=lambda m: MODEL_ORDER.get(m, len(MODEL_ORDER)))
+def _sorted_models(cells: dict[tuple[str, str], Cell]) -> list[str]:
+    """Row labels in the order zero-shot, teacher, student (by kind), then by name."""
+    kinds = {label: cell.kind for (label, _), cell in cells.items()}
+    return sorted(kinds, key=lambda m: (MODEL_ORDER.get(kinds[m], len(MODEL_ORDER)), m))
+
+
+def _paper_row(cells: dict[tuple[str, str], Cell], label: str) -> str:
+    kind = next(c.kind for (m, _), c in cells.items() if m == label)
+    return paper.PAPER_ROW_FOR_MODEL.get(kind, paper.PROMPTKD)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,7 +305,7 @@ def base_to_novel_table(records: Iterable[Record], seeds: Sequence[int] | None =
     cells = build_cells(records, "base2novel", seeds)
     if not cells:
         return None
-    models = _sorted_models(m for m, _ in cells)
+    models = _sorted_models(cells)
     datasets = _sorted_datasets(d for _, d in cells)
     expected = next(iter(cells.values())).expected_seeds
     notes = _selection_notes(cells.values(), "base2novel") + _coverage_notes(cells, models, datasets)
@@ -296,7 +335,7 @@ def base_to_novel_table(records: Iterable[Record], seeds: Sequence[int] | None =
 
     for m in models:
         mcells = [cells[(m, d)] for d in datasets if (m, d) in cells]
-        ref_method = paper.PAPER_ROW_FOR_MODEL.get(m, paper.PROMPTKD)
+        ref_method = _paper_row(cells, m)
         sel = ", ".join(sorted({s for c in mcells for s in c.selections}))
         out.write(f"### {m} (selection: {sel}; paper row: {ref_method})\n\n")
         out.write("| Dataset | Base | Novel | HM | seeds | paper Base | paper Novel | paper HM | Δ HM |\n")
@@ -342,7 +381,7 @@ def base_to_novel_table(records: Iterable[Record], seeds: Sequence[int] | None =
 
 def _b2n_row(c: Cell, ref_method: str, ref: paper.B2N | None) -> dict:
     b, n, h = c.stat("base"), c.stat("novel"), c.stat("hm")
-    return {"protocol": "base2novel", "model": c.model, "dataset": c.dataset, "n_seeds": b.n,
+    return {"protocol": "base2novel", "model": c.model, "kind": c.kind, "dataset": c.dataset, "n_seeds": b.n,
             "seeds": " ".join(map(str, c.seeds)), "missing_seeds": " ".join(map(str, c.missing_seeds)),
             "base_mean": b.mean, "base_std": b.std, "novel_mean": n.mean, "novel_std": n.std,
             "hm": c.hm(), "hm_std": h.std, "paper_method": ref_method,
@@ -355,7 +394,7 @@ def accuracy_table(records: Iterable[Record], protocol: str, seeds: Sequence[int
     cells = build_cells(records, protocol, seeds)
     if not cells:
         return None
-    models = _sorted_models(m for m, _ in cells)
+    models = _sorted_models(cells)
     datasets = _sorted_datasets(d for _, d in cells)
     expected = next(iter(cells.values())).expected_seeds
     notes = _selection_notes(cells.values(), protocol) + _coverage_notes(cells, models, datasets)

@@ -28,14 +28,14 @@ from torch import Tensor, nn
 from promptkd.artifacts import file_sha256
 from promptkd.demo import align
 from promptkd.demo.cache import TrunkCache
-from promptkd.demo.effnet import INPUT_MEAN, INPUT_STD, load_efficientnet_lite, weights_path
+from promptkd.demo.effnet import INPUT_MEAN, INPUT_STD, FoldedTrunk, load_efficientnet_lite, weights_path
 from promptkd.demo.text import MODEL_NAME, MiniLMText
 from promptkd.models.backbones import ImageSpec, Student, Teacher, register_builder
 
 # cosine logits are scaled by this (CLIP's learnt scale is 100). Measured on the demo (teacher HM after
 # stage 1, 2000 test images): 15 -> 61.3, 25 -> 63.5, 50 -> 59.1, 100 -> 60.9; zero-shot rows don't depend on it
 DEMO_LOGIT_SCALE = 25.0
-PREPROCESS_VERSION = "invert-bilinear-tfnorm-v1"
+PREPROCESS_VERSION = "invert-bilinear-tfnorm-foldedbn-v2"
 DEMO_IMAGE_SPEC = ImageSpec(
     size=28, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear", channels=1,
     extra={"range": "[0, 1]", "note": "the backbone inverts, resizes to its resolution and normalises itself"},
@@ -71,6 +71,7 @@ class DemoImageTower(nn.Module):
         if not 0 <= cfg.split_stage < 6:
             raise ValueError(f"split_stage must be in 0..5 (the last stage stays in the tail), got {cfg.split_stage}")
         self.split = self.cnn.stage_end(cfg.split_stage)
+        self.frozen_trunk = FoldedTrunk(self.cnn, self.split)  # the trunk as it is run (BN folded)
         self.register_buffer("mean", torch.tensor(INPUT_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(INPUT_STD).view(1, 3, 1, 1), persistent=False)
         stride = self.cnn.block_info[self.split - 1].stride
@@ -104,7 +105,7 @@ class DemoImageTower(nn.Module):
         return (x - self.mean) / self.std
 
     def _trunk(self, images: Tensor) -> Tensor:
-        return self.cnn.trunk(self.preprocess(images), self.split)
+        return self.frozen_trunk(self.preprocess(images))
 
     def trunk(self, images: Tensor) -> Tensor:
         if self.cache is not None:

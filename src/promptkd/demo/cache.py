@@ -20,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from promptkd.fileio import atomic_save_with
+
 CACHE_ENV = "PROMPTKD_CACHE"
 
 
@@ -86,12 +88,7 @@ class TrunkCache:
             return self.path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         digests = torch.from_numpy(np.frombuffer(b"".join(self.rows), dtype=np.uint8).reshape(-1, 16).copy())
-        tmp = self.path.with_suffix(".tmp")
-        save_file(
-            {"digests": digests, "maps": torch.stack(list(self.rows.values())).contiguous()},
-            str(tmp),
-            metadata={"identity": self.identity},
-        )
-        tmp.replace(self.path)
+        tensors = {"digests": digests, "maps": torch.stack(list(self.rows.values())).contiguous()}
+        atomic_save_with(self.path, lambda tmp: save_file(tensors, tmp, metadata={"identity": self.identity}))
         self._dirty = False
         return self.path

@@ -16,10 +16,7 @@ test split (``test_per_class`` images per class), base and novel accuracies with
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from promptkd.demo import fashion_mnist as fm
+from promptkd.demo.runtime import Timer, choose_threads, keep_freed_memory
 
 DATASET = "fashion_mnist"
 TEMPLATES = (  # the frozen template ensemble for PromptSRC's text regulariser and zero-shot vectors
@@ -120,46 +118,24 @@ def sample_data(cfg: DemoConfig) -> DemoData:
     )
 
 
-def choose_threads(requested: int) -> int:
-    """``requested`` if > 0; else every core, or 1 when the machine is already busy (load average >= cores - 0.5):
-    on an oversubscribed CPU, torch's multi-threaded kernels measured 5-10x slower than one thread."""
-    if requested > 0:
-        return requested
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0] >= cores - 0.5
-    except OSError:
-        busy = False
-    return 1 if busy else cores
+def trunk_batch_size(resolution: int) -> int:
+    """Images per trunk batch: 16 at 128 px, fewer at higher resolutions, so that the largest activation
+    (about 1.5 MB per image at 128 px) stays under glibc's 32 MB mmap ceiling and its memory is reused
+    from the heap. Batches of 200 (the first version) were mapped and unmapped at every layer: 100
+    million page faults, as much system time as computation."""
+    return max(1, 16 * 128 * 128 // (resolution * resolution))
 
 
-class Timer:
-    """Wall time per named phase."""
-
-    def __init__(self) -> None:
-        self.phases: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    def run(self, name: str, fn: Callable, *args, **kwargs):
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
-        return out
-
-    @property
-    def total(self) -> float:
-        return time.perf_counter() - self.start
-
-
-def warm_trunk(tower, datasets: list[FashionImages], desc: str, progress: bool, batch: int = 200) -> dict:
+def warm_trunk(tower, datasets: list[FashionImages], desc: str, progress: bool, batch: int | None = None) -> dict:
     """Run a frozen trunk once over every image (cache misses only) and save its cache."""
-    from tqdm.auto import tqdm
+    from promptkd.progress import progress_bar
 
     cache = tower.cache
     before = (cache.hits, cache.misses) if cache is not None else (0, 0)
     loaded = cache.loaded if cache is not None else 0
     total = sum(len(d) for d in datasets)
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+    batch = batch or trunk_batch_size(tower.cfg.resolution)
+    with progress_bar(total=total, desc=desc, unit="img", enabled=progress) as bar:
         for d in datasets:
             for start in range(0, len(d), batch):
                 images = d.images[start : start + batch].unsqueeze(1).float().div(255.0)
@@ -172,37 +148,90 @@ def warm_trunk(tower, datasets: list[FashionImages], desc: str, progress: bool, 
             "loaded_from_file": loaded, "file": str(cache.path) if cache.path else None}
 
 
-def evaluate_model(encode: Callable[[Tensor], Tensor], store, data: DemoData, model: str, cfg: DemoConfig,
-                   out_dir: Path, selection: str = "last", source: dict | None = None):
-    """Base-to-novel evaluation of one model (the core's evaluation code), written to ``out_dir``."""
-    from promptkd import evaluate as ev
+# the name of each row in its results.json: `promptkd report` keeps the two zero-shot rows apart by it
+ROW_NAMES = {
+    "zero-shot teacher": "zeroshot (teacher backbone)",
+    "zero-shot student": "zeroshot (student backbone)",
+    "teacher": "teacher",
+    "student": "student",
+}
+SUMMARY_KIND = "promptkd-demo-summary"  # marks out_dir/results.json as the demo's summary, not one row
 
+
+def evaluate_model(encode: Callable[[Tensor], Tensor], store, data: DemoData, row: str, cfg: DemoConfig,
+                   out_dir: Path, selection: str = "last", source: dict | None = None):
+    """Base-to-novel evaluation of one row of the table (the core's evaluation code), written to ``out_dir``."""
+    from promptkd import evaluate as ev
+    from promptkd.fileio import atomic_write_json, read_json
+
+    model = "zeroshot" if row.startswith("zero-shot") else row
     loader = DataLoader(data.test, batch_size=250, shuffle=False, num_workers=0)
     feats, labels = ev.extract_features(encode, loader, progress=False)
     result = ev.evaluate_features(feats, labels, store, fm.CLASS_NAMES, "base2novel", dataset=DATASET,
                                   seed=cfg.seed, model=model, selection=selection, source=source or {})
-    ev.write_results(result, out_dir)
+    paths = ev.write_results(result, out_dir)
+    record = read_json(paths["json"])
+    atomic_write_json(paths["json"], {**record, "name": ROW_NAMES[row]}, indent=2)
     return result
+
+
+def write_samples(data: DemoData, out_dir: Path, per_class: int = 2) -> Path:
+    """A few test images as PNG files (``<class>_<n>.png``), for trying ``promptkd predict`` on them."""
+    from PIL import Image
+
+    from promptkd.fileio import atomic_save_with
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    seen: dict[int, int] = {}
+    for image, label in zip(data.test.images, data.test.labels.tolist()):
+        if seen.get(label, 0) >= per_class:
+            continue
+        seen[label] = seen.get(label, 0) + 1
+        name = f"{fm.CLASS_NAMES[label].replace(' ', '_')}_{seen[label]}.png"
+        picture = Image.fromarray(image.numpy(), mode="L")
+        atomic_save_with(folder / name, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
+    return folder
+
+
+def load_models(cfg: DemoConfig, cache_dir: Path | None):
+    """The teacher (Lite2 + MiniLM) and the zero-shot student (Lite0 + the same MiniLM), with progress."""
+    from promptkd.demo.backbones import DemoTeacher, DemoTeacherConfig, ImageTowerConfig
+    from promptkd.demo.text import MiniLMText
+    from promptkd.progress import progress_bar
+
+    def tower(variant: str) -> ImageTowerConfig:
+        return ImageTowerConfig(variant=variant, resolution=cfg.resolution)
+
+    with progress_bar(total=3, desc="loading models", unit="model", enabled=cfg.progress) as bar:
+        bar.set_postfix_str("MiniLM text encoder")
+        text = MiniLMText()
+        bar.update(1)
+        bar.set_postfix_str(f"{cfg.teacher_variant} teacher")
+        teacher = DemoTeacher(DemoTeacherConfig(image=tower(cfg.teacher_variant), text_depth=cfg.text_depth),
+                              cache_dir=cache_dir, text=text)
+        bar.update(1)
+        bar.set_postfix_str(f"{cfg.student_variant} student")
+        zs_student = DemoTeacher(DemoTeacherConfig(image=tower(cfg.student_variant)), cache_dir=cache_dir, text=text)
+        bar.update(1)
+        bar.set_postfix_str("")
+    return teacher, zs_student
 
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     """Run the whole demo; returns the summary written to ``out_dir/results.json``."""
     from promptkd.artifacts import save_adapter
-    from promptkd.demo.backbones import (
-        DemoStudent,
-        DemoStudentConfig,
-        DemoTeacher,
-        DemoTeacherConfig,
-        ImageTowerConfig,
-    )
+    from promptkd.demo.backbones import DemoStudent, DemoStudentConfig, ImageTowerConfig
     from promptkd.demo.cache import default_cache_dir
     from promptkd.demo.report import write_outputs
     from promptkd.engine.loop import LoopConfig, fit
+    from promptkd.fileio import atomic_write_json
     from promptkd.methods.promptkd import DistillModule
     from promptkd.methods.promptsrc import PromptSRCModule
     from promptkd.methods.zeroshot import zeroshot_store
     from promptkd.store import build_store
 
+    keep_freed_memory()
     torch.set_num_threads(choose_threads(cfg.threads))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,20 +242,14 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     data = timer.run("load data", sample_data, cfg)
     log(f"data: {data.counts['fewshot']} labelled base images (teacher), {data.counts['unlabelled']} unlabelled "
         f"images of all classes (student), {data.counts['test']} test images "
-        f"({data.counts['test_base']} base / {data.counts['test_novel']} novel)")
-
-    def tower(variant: str) -> ImageTowerConfig:
-        return ImageTowerConfig(variant=variant, resolution=cfg.resolution)
-
-    teacher = timer.run("load models", DemoTeacher, DemoTeacherConfig(image=tower(cfg.teacher_variant),
-                        text_depth=cfg.text_depth), cache_dir=cache_dir)
-    zs_student = timer.run("load models", DemoTeacher, DemoTeacherConfig(image=tower(cfg.student_variant)),
-                           cache_dir=cache_dir, text=teacher.text)
+        f"({data.counts['test_base']} base / {data.counts['test_novel']} novel); "
+        f"{torch.get_num_threads()} CPU thread(s)")
+    teacher, zs_student = timer.run("load models", load_models, cfg, cache_dir)
     caches = {
         "teacher": timer.run("frozen trunks", warm_trunk, teacher.image, [data.fewshot, data.unlabelled, data.test],
-                             f"{cfg.teacher_variant} trunk", cfg.progress),
+                             f"{cfg.teacher_variant} trunk (once per image)", cfg.progress),
         "student": timer.run("frozen trunks", warm_trunk, zs_student.image, [data.unlabelled, data.test],
-                             f"{cfg.student_variant} trunk", cfg.progress),
+                             f"{cfg.student_variant} trunk (once per image)", cfg.progress),
     }
     for role, c in caches.items():
         if c.get("cached"):
@@ -237,10 +260,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     # zero-shot rows: the frozen towers, the single template "a photo of a {}."
     zs_store = zeroshot_store(teacher, fm.CLASS_NAMES)
     rows["zero-shot teacher"] = timer.run("evaluate", evaluate_model, lambda x: teacher.encode_image(x, prompted=False),
-                                          zs_store, data, "zeroshot", cfg, out / "zeroshot_teacher", "none")
+                                          zs_store, data, "zero-shot teacher", cfg, out / "zeroshot_teacher", "none")
     zs_s_store = zeroshot_store(zs_student, fm.CLASS_NAMES)
     rows["zero-shot student"] = timer.run("evaluate", evaluate_model, lambda x: zs_student.encode_image(x, prompted=False),
-                                          zs_s_store, data, "zeroshot", cfg, out / "zeroshot_student", "none")
+                                          zs_s_store, data, "zero-shot student", cfg, out / "zeroshot_student", "none")
     for name in ("zero-shot teacher", "zero-shot student"):
         m = rows[name].metrics
         log(f"{name:>18}: base {m['base']:.1f}  novel {m['novel']:.1f}  HM {m['hm']:.1f}")
@@ -259,10 +282,13 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
                  config={"loop": loop1.as_dict(), "method": stage1.cfg.to_dict(), "demo": asdict(cfg)})
     rows["teacher"] = timer.run("evaluate", evaluate_model, lambda x: teacher.encode_image(x, prompted=True), store,
                                 data, "teacher", cfg, out / "teacher")
+    m = rows["teacher"].metrics
+    log(f"{'teacher':>18}: base {m['base']:.1f}  novel {m['novel']:.1f}  HM {m['hm']:.1f}")
 
     # stage 2: distil into the student on unlabelled images of all classes
-    student = timer.run("load models", DemoStudent, DemoStudentConfig(image=tower(cfg.student_variant),
-                        teacher_dim=teacher.embed_dim), cache_dir=None)
+    student = timer.run("load models", DemoStudent, DemoStudentConfig(
+        image=ImageTowerConfig(variant=cfg.student_variant, resolution=cfg.resolution),
+        teacher_dim=teacher.embed_dim), cache_dir=None)
     student.image.cache = zs_student.image.cache  # the same frozen trunk: share its cache
     stage2 = DistillModule(teacher, student, store, temperature=cfg.temperature, kd_weight=cfg.kd_weight)
     loop2 = LoopConfig(epochs=cfg.student_epochs, batch_size=cfg.student_batch, lr=cfg.student_lr, num_workers=0,
@@ -273,15 +299,17 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     save_adapter(student, out / "student", "student", class_names=fm.CLASS_NAMES, store=store,
                  config={"loop": loop2.as_dict(), "demo": asdict(cfg)}, extra=stage2.selection_record())
     rows["student"] = timer.run("evaluate", evaluate_model, student, store, data, "student", cfg, out / "student")
+    samples = write_samples(data, out / "samples")
 
     summary = {
-        "dataset": DATASET, "protocol": "base2novel", "seed": cfg.seed,
+        "kind": SUMMARY_KIND, "dataset": DATASET, "protocol": "base2novel", "seed": cfg.seed,
         "rows": {k: {kk: round(v, 2) for kk, v in r.metrics.items()} for k, r in rows.items()},
         "counts": data.counts, "caches": caches, "config": asdict(cfg),
         "time_s": {k: round(v, 1) for k, v in timer.phases.items()}, "total_time_s": round(timer.total, 1),
-        "threads": torch.get_num_threads(),
+        "cpu_s": {k: round(v, 1) for k, v in timer.cpu.items()}, "total_cpu_s": round(timer.total_cpu, 1),
+        "threads": torch.get_num_threads(), "samples": str(samples),
     }
     paths = write_outputs(summary, out)
     summary["outputs"] = {k: str(v) for k, v in paths.items()}
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "results.json", summary, indent=2)
     return summary

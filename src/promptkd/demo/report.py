@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from promptkd.fileio import atomic_save_with, atomic_write
+
 ROW_ORDER = ("zero-shot teacher", "zero-shot student", "teacher", "student")
 ROW_LABELS = {
     "zero-shot teacher": "zero-shot teacher (Lite2 + MiniLM)",
@@ -70,14 +72,13 @@ def plot(summary: dict, path: Path) -> Path:
     ax.set_title("PromptKD demo on Fashion-MNIST (base-to-novel)")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_save_with(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path
 
 
 def write_outputs(summary: dict, out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
-    md = out_dir / "results.md"
-    md.write_text(table_markdown(summary))
+    md = atomic_write(out_dir / "results.md", table_markdown(summary))
     png = plot(summary, out_dir / "results.png")
     return {"table": md, "plot": png, "json": out_dir / "results.json"}

@@ -359,9 +359,9 @@ def _float_metrics(out: dict) -> dict[str, float]:
 def _progress(total: int, initial: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from promptkd.progress import progress_bar  # a bar on a terminal, a few plain lines in a log
 
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
+    return progress_bar(total=total, initial=initial, desc=desc, unit="step", leave=False)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""`promptkd demo` without running it: output folders, help texts, next steps, the thread rule, the
+allocator setting. Fast; needs neither the data nor the weights."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from promptkd.cli import build_parser
+from promptkd.cli.demo_cmd import DEFAULT_OUT, QUICK, QUICK_OUT, build_config, next_steps
+from promptkd.demo import pipeline, runtime
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["demo", *argv])
+
+
+def test_quick_run_has_its_own_folder_and_the_full_run_keeps_runs_demo():
+    assert build_config(parse()).out_dir == DEFAULT_OUT == "runs/demo"
+    quick = build_config(parse("--quick"))
+    assert quick.out_dir == QUICK_OUT == "runs/demo-quick"
+    assert (quick.resolution, quick.unlabelled, quick.student_epochs) == (128, 500, 6)
+    assert build_config(parse("--quick", "--out", "elsewhere")).out_dir == "elsewhere"
+    assert build_config(parse("--no-cache")).cache_dir == ""
+    assert build_config(parse("--set", "student_epochs=3")).student_epochs == 3
+
+
+def test_help_states_what_the_options_really_do(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"{QUICK['resolution']} px" in text and "64 px" not in text and "96 px" not in text
+    assert "runs/demo-quick" in text
+    assert "torch's choice" not in text and "the cores that no other process is using right now" in text
+    assert "(default: 1)" in text  # --seed, from argparse's %(default)s
+
+
+def test_next_steps_name_this_runs_folders_and_the_quick_run_says_what_it_is_for():
+    steps = next_steps({"config": {"out_dir": "runs/demo"}}, quick=False)
+    assert "  promptkd predict runs/demo/samples --student runs/demo/student" in "\n".join(steps)
+    assert any(line.startswith("  promptkd report runs/demo ") for line in steps)
+    assert not any("quick check" in line for line in steps)
+    quick = "\n".join(next_steps({"config": {"out_dir": "runs/demo-quick"}}, quick=True))
+    assert "quick check" in quick and "`promptkd demo`" in quick and "--student runs/demo-quick/student" in quick
+
+
+def test_thread_rule_uses_the_cores_free_now():
+    cores = os.cpu_count() or 1
+    assert runtime.choose_threads(3) == 3  # asked for: used as is
+    assert runtime.choose_threads(0, busy=0.0) == cores
+    assert runtime.choose_threads(0, busy=float(cores)) == 1
+    if cores == 2:
+        assert runtime.choose_threads(0, busy=0.3) == 2  # background noise
+        assert runtime.choose_threads(0, busy=1.0) == 1  # one other busy process
+
+
+def test_busy_cores_is_the_share_of_busy_ticks_over_the_window(monkeypatch):
+    ticks = iter([(1000, 5000), (1000 + 150, 5000 + 200)])  # (busy, total) jiffies, summed over all cores
+    monkeypatch.setattr(runtime, "_cpu_ticks", lambda: next(ticks))
+    monkeypatch.setattr(runtime.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    assert runtime.busy_cores() == pytest.approx(1.5)
+    monkeypatch.setattr(runtime, "_cpu_ticks", lambda: None)
+    assert runtime.busy_cores() is None
+    assert runtime.choose_threads(0) == 2  # unknown load: every core
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
+def test_busy_cores_reads_proc_stat():
+    busy = runtime.busy_cores(window=0.05)
+    assert busy is not None and 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_allocator_setting_takes_effect_with_glibc():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert runtime.keep_freed_memory() is True
+
+
+def test_trunk_batches_keep_activations_under_the_mmap_threshold():
+    # the largest trunk activation is ~1.5 MB per image at 128 px and grows with the pixel count
+    for resolution in (64, 96, 128, 224, 512):
+        batch = pipeline.trunk_batch_size(resolution)
+        assert batch >= 1 and batch * 1.5e6 * (resolution / 128) ** 2 <= 32 * 2**20 or batch == 1
+    assert pipeline.trunk_batch_size(128) == 16
