@@ -53,6 +53,11 @@ def test_every_option_has_help_with_its_default(command):
     assert not offenders, f"promptkd {command}: " + "; ".join(offenders)
 
 
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_takes_debug(command):
+    assert any("--debug" in a.option_strings for a in COMMANDS[command]._actions), f"promptkd {command}"
+
+
 def test_the_checker_finds_missing_help_and_unstated_defaults():
     parser = argparse.ArgumentParser()
     parser.add_argument("--fine", type=int, default=3, help="a number (default: %(default)s)")

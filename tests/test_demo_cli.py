@@ -88,3 +88,22 @@ def test_trunk_batches_keep_activations_under_the_mmap_threshold():
         batch = pipeline.trunk_batch_size(resolution)
         assert batch >= 1 and batch * 1.5e6 * (resolution / 128) ** 2 <= 32 * 2**20 or batch == 1
     assert pipeline.trunk_batch_size(128) == 16
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("student_epochs=abc", "student_epochs='abc': expected an integer"),
+    ("studnt_epochs=3", "unknown key 'studnt_epochs' (did you mean 'student_epochs'?)"),
+    ("teacher_variant=efficientnet-lite3", "expected one of efficientnet-lite0, efficientnet-lite2"),
+    ("teacher_method=promptkd", "expected one of promptsrc, ivlp, coop"),
+    ("student_lr=-1", "student_lr=-1: expected a value > 0"),
+])
+def test_bad_demo_overrides_are_one_line_before_any_work(tmp_path, capsys, monkeypatch, override, expected):
+    from promptkd.cli import main
+
+    started = []
+    monkeypatch.setattr(pipeline, "run_demo", lambda *a, **k: started.append(1))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not started and not out.exists()

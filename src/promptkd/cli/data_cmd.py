@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.set_defaults(func=run_check)
 
     listing = sub.add_parser("list", help="the known benchmarks, their folders and the paper's counts")
+    listing.add_argument("--debug", action="store_true", help="show tracebacks")
     listing.set_defaults(func=run_list)
 
     splits = sub.add_parser("splits", help="list or write CoOp's split files packaged with promptkd",

@@ -78,7 +78,8 @@ def missing_requirements(data_root: str | None) -> list[str]:
 
 
 def build_config(args: argparse.Namespace):
-    from promptkd.config import apply_overrides
+    """The demo's config: defaults <- --quick <- the options <- --set, checked before any work starts."""
+    from promptkd import config
     from promptkd.demo.pipeline import DemoConfig
 
     base = dataclasses.asdict(DemoConfig())
@@ -87,7 +88,8 @@ def build_config(args: argparse.Namespace):
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     base.update(out_dir=out, data_root=args.data, seed=args.seed, threads=args.threads,
                 cache_dir="" if args.no_cache else args.cache_dir, progress=True)
-    return DemoConfig(**apply_overrides(base, args.overrides))
+    checked = config.build(DemoConfig, base=base, overrides=args.overrides, where="demo config (--set)")
+    return config.instantiate(DemoConfig, checked)
 
 
 def next_steps(summary: dict, quick: bool) -> list[str]:

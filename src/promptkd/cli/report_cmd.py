@@ -18,6 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="seeds every cell should have (default: every seed found); fewer are flagged")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="do not print the markdown report")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.set_defaults(func=run)
 
 

