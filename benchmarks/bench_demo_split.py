@@ -15,7 +15,7 @@ import time
 def measure(variant: str, split_stage: int, threads: int, resolution: int, batch: int, reps: int) -> dict:
     import torch
 
-    from promptkd.demo.effnet import load_efficientnet_lite
+    from promptkd.models.efficientnet_lite import load_efficientnet_lite
 
     torch.set_num_threads(threads)
     model = load_efficientnet_lite(variant)

@@ -101,7 +101,7 @@ def test_trunk_cache_is_transparent_and_persists(tmp_path):
 def test_efficientnet_lite_matches_the_reference_implementation():
     from efficientnet_lite_pytorch import EfficientNet
 
-    from promptkd.demo.effnet import load_efficientnet_lite, weights_path
+    from promptkd.models.efficientnet_lite import load_efficientnet_lite, weights_path
 
     ours = load_efficientnet_lite("efficientnet-lite0")
     ref = EfficientNet.from_name("efficientnet-lite0", image_size=None)  # dynamic TF-"same" padding
@@ -116,7 +116,7 @@ def test_efficientnet_lite_matches_the_reference_implementation():
 
 
 def test_same_padding_convolution_matches_an_explicit_tensorflow_pad():
-    from promptkd.demo.effnet import same_conv2d
+    from promptkd.models.efficientnet_lite import same_conv2d
 
     torch.manual_seed(0)
     for size in (7, 8, 16, 17):
@@ -132,7 +132,7 @@ def test_same_padding_convolution_matches_an_explicit_tensorflow_pad():
 
 @needs_weights
 def test_folded_trunk_matches_the_module_by_module_trunk():
-    from promptkd.demo.effnet import FoldedTrunk, load_efficientnet_lite
+    from promptkd.models.efficientnet_lite import FoldedTrunk, load_efficientnet_lite
 
     model = load_efficientnet_lite("efficientnet-lite0")
     torch.manual_seed(0)
@@ -147,7 +147,7 @@ def test_folded_trunk_matches_the_module_by_module_trunk():
 
 @needs_weights
 def test_efficientnet_lite_refuses_wrong_weights(tmp_path):
-    from promptkd.demo.effnet import load_efficientnet_lite, weights_path
+    from promptkd.models.efficientnet_lite import load_efficientnet_lite, weights_path
 
     with pytest.raises(ValueError, match="not efficientnet-lite2 weights"):
         load_efficientnet_lite("efficientnet-lite2", weights_path("efficientnet-lite0"))

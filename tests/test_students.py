@@ -65,7 +65,7 @@ def test_an_efficientnet_student_comes_out_of_distill_and_goes_through_predict_e
     assert learnt["visual_prompt.delta"].abs().sum() > 0  # the prompt was trained (it starts at zero)
 
     # the student, rebuilt from its artefact, gives the same features as the independent pieces composed by hand
-    from promptkd.demo.effnet import INPUT_MEAN, INPUT_STD, load_efficientnet_lite
+    from promptkd.models.efficientnet_lite import INPUT_MEAN, INPUT_STD, load_efficientnet_lite
     from promptkd.serve import load_student
 
     loaded = load_student(out)
@@ -97,6 +97,32 @@ def test_an_efficientnet_student_comes_out_of_distill_and_goes_through_predict_e
         want = torch.softmax(loaded.store.logits(student(images), student.logit_scale()), dim=-1)
     got = torch.from_numpy(session.run(None, {name: images.numpy()})[0])
     assert torch.allclose(got, want, atol=1e-4)
+
+    # int8 (static, calibrated on the fixture's images): it loads, answers for every image, mostly agrees
+    assert _cli(["export", "--student", out, "--format", "onnx", "--quantize", "int8", "--calibration",
+                 world / "data", "--calibration-size", "8", "--out", world / "lite0-int8.onnx"]) == 0
+    from promptkd.runtime import load_predictor
+
+    int8 = load_predictor(world / "lite0-int8.onnx")
+    q = int8.probabilities(images.numpy())
+    assert q.shape == tuple(want.shape) and abs(q.sum(axis=1) - 1).max() < 1e-3
+
+    # the server answers with the student's own top class for an image file
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from promptkd.server import create_app
+
+    predictor = load_predictor(out, precision="fp32")
+    with TestClient(create_app(predictor)) as client:
+        health = client.get("/health").json()
+        assert health["model"]["identity"]["backbone"]["kind"] == "efficientnet"
+        r = client.post("/predict", files=[("files", (image.name, image.read_bytes(), "image/jpeg"))])
+        assert r.status_code == 200, r.text
+        top = r.json()["predictions"][0]["top"][0]
+    ref = predictor.probabilities(predictor.preparer()([Image.open(image)]))[0]
+    assert top["label"] == int(ref.argmax()) and top["probability"] == pytest.approx(float(ref.max()), abs=1e-6)
 
 
 class ToyCNN(Student):

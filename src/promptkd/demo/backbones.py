@@ -28,9 +28,10 @@ from torch import Tensor, nn
 from promptkd.artifacts import file_sha256
 from promptkd.demo import align
 from promptkd.demo.cache import TrunkCache
-from promptkd.demo.effnet import INPUT_MEAN, INPUT_STD, FoldedTrunk, load_efficientnet_lite, weights_path
 from promptkd.demo.text import MODEL_NAME, MiniLMText
 from promptkd.models.backbones import ImageSpec, Student, Teacher, register_builder
+from promptkd.models.efficientnet_lite import INPUT_MEAN, INPUT_STD, FoldedTrunk, load_efficientnet_lite, weights_path
+from promptkd.models.efficientnet_student import FeatureMapPrompt
 
 # cosine logits are scaled by this (CLIP's learnt scale is 100). Measured on the demo (teacher HM after
 # stage 1, 2000 test images): 15 -> 61.3, 25 -> 63.5, 50 -> 59.1, 100 -> 60.9; zero-shot rows don't depend on it
@@ -115,21 +116,6 @@ class DemoImageTower(nn.Module):
 
     def tail(self, maps: Tensor) -> Tensor:
         return self.cnn.tail(maps, self.split)
-
-
-class FeatureMapPrompt(nn.Module):
-    """A learnable map added to a feature map (visual prompting on a late CNN feature map); zero init.
-
-    The added map is ``gain * delta``: with one learning rate for all prompts (the training loop's), the
-    gain sets this prompt's effective step size (x gain^2 for SGD) relative to the text tokens."""
-
-    def __init__(self, shape: tuple[int, int, int], gain: float = 1.0) -> None:
-        super().__init__()
-        self.delta = nn.Parameter(torch.zeros(shape))
-        self.gain = float(gain)
-
-    def forward(self, maps: Tensor) -> Tensor:
-        return maps + self.gain * self.delta.to(maps.dtype)
 
 
 class TextPrompt(nn.Module):

@@ -24,7 +24,10 @@ PROMPT_STAGE = 5  # the trunk ends after this stage (0-based): the prompt sits b
 
 
 class FeatureMapPrompt(nn.Module):
-    """A learnable map added to a feature map, zero at initialisation; ``gain`` scales its step size."""
+    """A learnable map added to a feature map (visual prompting on a late CNN feature map); zero init.
+
+    The added map is ``gain * delta``: with one learning rate for all prompts (the training loop's), the
+    gain sets this prompt's effective step size (x gain^2 for SGD) relative to other trained tensors."""
 
     def __init__(self, shape: tuple[int, int, int], gain: float = 1.0) -> None:
         super().__init__()
@@ -43,7 +46,7 @@ class EfficientNetStudent(Student):
                  prompt_gain: float = 1.0) -> None:
         super().__init__()
         from promptkd.artifacts import file_sha256
-        from promptkd.demo.effnet import INPUT_MEAN, INPUT_STD, load_efficientnet_lite, weights_path
+        from promptkd.models.efficientnet_lite import INPUT_MEAN, INPUT_STD, load_efficientnet_lite, weights_path
         from promptkd.models.projector import build_projector
 
         self.variant = variant

