@@ -1,3 +1,5 @@
+"""``python -m promptkd ...``: the same as the ``promptkd`` command."""
+
 import sys
 
 from promptkd.cli import main
