@@ -52,15 +52,16 @@ def describe_os_error(exc: OSError, path: str | os.PathLike, action: str = "cann
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Context manager giving a file object; on success the file replaces ``path`` atomically."""
+def _replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path``; on success it becomes ``path`` (fsynced, umask mode) atomically.
+
+    On failure the temporary file is removed and an ``OSError`` becomes an ``OutputError`` naming ``path``."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(target)
     try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, target)
@@ -70,6 +71,13 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise OutputError(exc.errno, describe_os_error(exc, target)) from exc
         raise
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Context manager giving a file object; on success the file replaces ``path`` atomically."""
+    with _replacing(path) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -87,22 +95,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_options: Any) ->
 
 def atomic_save_with(path: str | os.PathLike, save: Callable[[str], Any]) -> Path:
     """Atomic wrapper for writers that take a file name (``safetensors.torch.save_file``, ``torch.onnx``)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(target)
-    try:
+    with _replacing(path) as tmp:
         save(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
-            raise OutputError(exc.errno, describe_os_error(exc, target)) from exc
-        raise
-    return target
+    return Path(path)
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
