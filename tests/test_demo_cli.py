@@ -38,12 +38,30 @@ def test_help_states_what_the_options_really_do(capsys):
 
 
 def test_next_steps_name_this_runs_folders_and_the_quick_run_says_what_it_is_for():
-    steps = next_steps({"config": {"out_dir": "runs/demo"}}, quick=False)
+    steps = next_steps({"config": {"out_dir": "runs/demo"}}, quick=False, prog="promptkd")
     assert "  promptkd predict runs/demo/samples --student runs/demo/student" in "\n".join(steps)
     assert any(line.startswith("  promptkd report runs/demo ") for line in steps)
     assert not any("quick check" in line for line in steps)
-    quick = "\n".join(next_steps({"config": {"out_dir": "runs/demo-quick"}}, quick=True))
+    quick = "\n".join(next_steps({"config": {"out_dir": "runs/demo-quick"}}, quick=True, prog="promptkd"))
     assert "quick check" in quick and "`promptkd demo`" in quick and "--student runs/demo-quick/student" in quick
+
+
+def test_next_steps_name_promptkd_as_this_shell_can_run_it(tmp_path, monkeypatch):
+    from promptkd.cli.common import command_name
+
+    monkeypatch.chdir(tmp_path)
+    venv_bin = tmp_path / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    script = venv_bin / "promptkd"
+    script.write_text("#!/bin/sh\n")
+    assert command_name(".venv/bin/promptkd", which="") == ".venv/bin/promptkd"  # venv not activated
+    assert command_name(str(script), which="") == ".venv/bin/promptkd"
+    assert command_name(str(script), which=str(script)) == "promptkd"  # activated: on PATH
+    assert command_name(str(script), which="/usr/bin/promptkd") == ".venv/bin/promptkd"  # another one on PATH
+    assert command_name("/x/pytest", which="").endswith(" -m promptkd")
+    steps = "\n".join(next_steps({"config": {"out_dir": "runs/demo"}}, quick=False, prog=".venv/bin/promptkd"))
+    assert "  .venv/bin/promptkd predict runs/demo/samples --student runs/demo/student" in steps
+    assert "  .venv/bin/promptkd report runs/demo " in steps and "\n  promptkd" not in steps
 
 
 def test_thread_rule_uses_the_cores_free_now():

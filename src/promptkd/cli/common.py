@@ -1,8 +1,34 @@
-"""Options shared by the commands that run a training stage."""
+"""Options shared by the commands that run a training stage; how to name this command to the user."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+
+def command_name(argv0: str | None = None, which: str | None = None) -> str:
+    """How the user runs promptkd again from their shell, for printed next steps.
+
+    ``promptkd`` when that is on PATH and is this program; else the path the user typed
+    (``.venv/bin/promptkd`` after the README's set-up without activating the venv); else
+    ``python -m promptkd`` with this interpreter. ``argv0``/``which`` default to ``sys.argv[0]`` and
+    ``shutil.which("promptkd")``."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    which = shutil.which("promptkd") if which is None else which
+    if Path(argv0).name == "promptkd":
+        if which and os.path.realpath(which) == os.path.realpath(argv0):
+            return "promptkd"
+        if os.path.isabs(argv0):
+            rel = os.path.relpath(argv0)
+            return rel if not rel.startswith("..") else argv0
+        return argv0
+    if which:
+        return "promptkd"
+    python = os.path.relpath(sys.executable)
+    return f"{python if not python.startswith('..') else sys.executable} -m promptkd"
 
 
 def add_run_options(parser: argparse.ArgumentParser, seed_help: str) -> None:

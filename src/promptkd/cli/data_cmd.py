@@ -113,7 +113,9 @@ def run_splits(args: argparse.Namespace) -> int:
             split = packaged_split(name)
             print(f"{name:14} {get_spec(name).folder:14} {', '.join(files_for(name)):60} "
                   f"{len(split['train']):>6} {len(split['val']):>6} {len(split['test']):>6}")
-        print("\nwrite them into a data root: promptkd data splits --write ROOT [--dataset NAME]")
+        from promptkd.cli.common import command_name
+
+        print(f"\nwrite them into a data root: {command_name()} data splits --write ROOT [--dataset NAME]")
         return 0
     for w in write_split_files(args.write, args.dataset, overwrite=args.overwrite):
         said = {"written": "written", "unchanged": "identical file already there", "replaced": "replaced (--overwrite)"}

@@ -92,21 +92,24 @@ def build_config(args: argparse.Namespace):
     return config.instantiate(DemoConfig, checked)
 
 
-def next_steps(summary: dict, quick: bool) -> list[str]:
-    """What to run after the demo, with the paths of this run."""
+def next_steps(summary: dict, quick: bool, prog: str | None = None) -> list[str]:
+    """What to run after the demo, with the paths of this run and the command as this shell can run it."""
+    from promptkd.cli.common import command_name
+
+    prog = prog or command_name()
     out = Path(summary["config"]["out_dir"])
     lines = []
     if quick:
         lines += ["This was the quick check: it shows that every stage runs, on too few images and epochs for the "
                   "numbers to mean much",
-                  "(the student may stay below the teacher here). The demo's result is `promptkd demo` "
-                  f"(a few minutes; writes {DEFAULT_OUT}).", ""]
+                  f"(the student may stay below the teacher here). The demo's result is `{prog} demo` "
+                  f"(about a minute or two; writes {DEFAULT_OUT}).", ""]
     lines += [
         "Next steps:",
-        f"  promptkd predict {out / 'samples'} --student {out / 'student'}   "
+        f"  {prog} predict {out / 'samples'} --student {out / 'student'}   "
         "# classify images with the distilled student (no text encoder)",
-        f"  promptkd report {out}   # this run's rows as report.md / report.csv / plot, as for the paper's runs",
-        "  promptkd data check . --dataset folder:MY_IMAGES   # then your own images, one sub-folder per class "
+        f"  {prog} report {out}   # this run's rows as report.md / report.csv / plot, as for the paper's runs",
+        f"  {prog} data check . --dataset folder:MY_IMAGES   # then your own images, one sub-folder per class "
         "(README, 'Your own data')",
     ]
     return lines
