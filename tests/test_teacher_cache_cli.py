@@ -54,6 +54,7 @@ def test_cache_from_the_cli_trains_the_same_student_as_promptkd_distill(setup, c
                  "--shard-size", "5"]) == 0
     err = capsys.readouterr().err
     assert "teacher-cache: DTD transductive: 12 images x 2 view(s) + 4 held out, fp32" in err and "done in" in err
+    assert "teacher-cache: done, 24/24 view in " in err and "\r" not in err  # plain progress lines in a log
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert manifest["complete"] and manifest["layout"]["num_shards"] == 3 and manifest["layout"]["heldout_images"] == 4
     assert manifest["identity"]["dataset"] == "dtd transductive" and manifest["identity"]["views"] == "epochs"

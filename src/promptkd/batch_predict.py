@@ -18,13 +18,13 @@ import csv
 import io
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from promptkd.fileio import atomic_write_json, read_json
+from promptkd.progress import progress_bar
 from promptkd.runtime import Predictor, decode_image
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -174,36 +174,6 @@ def _check_meta(out: Path, meta: dict) -> None:
     atomic_write_json(side, meta)
 
 
-class Progress:
-    """A bar on a terminal; otherwise one plain line every ~10% (no carriage returns in logs)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True, stream=None) -> None:
-        self.total, self.desc, self.done, self.stream = total, desc, 0, stream or sys.stderr
-        self.enabled = enabled and total > 0
-        self.bar = None
-        self.next_line = 0.1
-        if self.enabled and self.stream.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="img", file=self.stream)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.done / self.total >= self.next_line or self.done == self.total:
-            print(f"{self.desc}: {self.done}/{self.total} images ({100 * self.done / self.total:.0f}%)",
-                  file=self.stream, flush=True)
-            while self.next_line <= self.done / self.total:
-                self.next_line += 0.1
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def predict_to_file(predictor: Predictor, paths: Sequence[str], out: str | os.PathLike, *, top_k: int = 5,
                     batch_size: int = 32, progress: bool = True) -> Summary:
     """Append one row per path to ``out`` (CSV or JSON lines), skipping paths it already holds."""
@@ -219,7 +189,7 @@ def predict_to_file(predictor: Predictor, paths: Sequence[str], out: str | os.Pa
     summary = Summary(total=len(paths), skipped=len(paths) - len(todo), out=str(out),
                       errors=[(p, e) for p, e in done.items() if e])
     start = time.perf_counter()
-    bar = Progress(len(todo), "predict", progress)
+    bar = progress_bar(total=len(todo), desc="predict", unit="img", enabled=progress and bool(todo))
     try:
         with open(out, "a", encoding="utf-8", newline="") as f:
             if fmt == "csv" and f.tell() == 0:
@@ -251,7 +221,7 @@ def predict_rows(predictor: Predictor, paths: Sequence[str], *, top_k: int = 5, 
     summary = Summary(total=len(paths))
     rows: list[Row] = []
     start = time.perf_counter()
-    bar = Progress(len(paths), "predict", progress)
+    bar = progress_bar(total=len(paths), desc="predict", unit="img", enabled=progress and bool(paths))
     try:
         for batch in iter_predictions(predictor, [str(p) for p in paths], top_k=top_k, batch_size=batch_size):
             rows.extend(batch)

@@ -347,10 +347,11 @@ def _load_fgvc(spec: DatasetSpec, folder: Path, problems: list[str], check_files
 
 def _scan_class_folders(split_dir: Path, folders: list[str], label_of: dict[str, int], names: list[str],
                         problems: list[str]) -> list[Sample]:
-    from tqdm import tqdm
+    from promptkd.progress import progress_bar
 
     out: list[Sample] = []
-    for folder in tqdm(folders, desc=f"listing {split_dir}", unit="class", leave=False, disable=len(folders) < 200):
+    for folder in progress_bar(folders, desc=f"listing {split_dir}", unit="class", leave=False,
+                               enabled=len(folders) >= 200):
         images = _images_in(split_dir / folder)
         if not images:
             problems.append(f"{split_dir / folder}: class folder has no images")

@@ -84,16 +84,16 @@ def _verify_images(bench: Benchmark, progress: bool, workers: int,
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
-    from tqdm import tqdm
+    from promptkd.progress import progress_bar
 
     paths = sorted({s.path for split in (bench.train, bench.val, bench.test) for s in split})
-    bar = dict(desc=f"decoding {bench.name}", unit="img", total=len(paths), disable=not progress, leave=False)
+    bar = dict(desc=f"decoding {bench.name}", unit="img", total=len(paths), enabled=progress, leave=False)
     check = partial(_decode_error, max_pixels=max_pixels)
     if workers <= 1 or len(paths) < 256:
-        results = [check(p) for p in tqdm(paths, **bar)]
+        results = [check(p) for p in progress_bar(paths, **bar)]
     else:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(check, paths, chunksize=64), **bar))
+            results = list(progress_bar(pool.map(check, paths, chunksize=64), **bar))
     return [r for r in results if r]
 
 

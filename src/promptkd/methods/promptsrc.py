@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from promptkd.config import spec
+from promptkd.progress import progress_bar
 
 METHODS = ("promptsrc", "ivlp", "coop")
 
@@ -121,7 +122,7 @@ def frozen_ensemble_text_features(teacher, class_names: Sequence[str], templates
     (:mod:`promptkd.methods.zeroshot`) instead normalises each template's features before averaging.
 
     Runs ``len(templates) * len(class_names)`` texts through the frozen text tower once, in chunks
-    (a tqdm bar when there are many, e.g. 60 templates x 1000 ImageNet classes)."""
+    (a progress bar when there are many, e.g. 60 templates x 1000 ImageNet classes)."""
     from promptkd.methods.templates import check_templates, fill
 
     templates = check_templates(templates)
@@ -129,23 +130,18 @@ def frozen_ensemble_text_features(teacher, class_names: Sequence[str], templates
     total: Tensor | None = None
     n_texts = len(templates) * len(names)
     show = progress if progress is not None else n_texts >= 4096
-    bar = None
-    if show:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_texts, desc="frozen text features (template ensemble)", unit="text", leave=False)
+    bar = progress_bar(total=n_texts, desc="frozen text features (template ensemble)", unit="text", enabled=show,
+                       leave=False)
     with torch.no_grad():
         for template in templates:
             parts = []
             for start in range(0, len(names), chunk):
                 texts = [fill(template, name) for name in names[start:start + chunk]]
                 parts.append(teacher.encode_text(texts).float())
-                if bar is not None:
-                    bar.update(len(texts))
+                bar.update(len(texts))
             feats = torch.cat(parts)
             total = feats if total is None else total + feats
-    if bar is not None:
-        bar.close()
+    bar.close()
     return F.normalize(total / len(templates), dim=-1)
 
 

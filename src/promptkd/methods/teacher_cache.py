@@ -40,8 +40,6 @@ import hashlib
 import json
 import math
 import os
-import sys
-import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -54,6 +52,7 @@ from torch import Tensor
 
 from promptkd import fileio
 from promptkd.data.loader import UnlabelledImages
+from promptkd.progress import progress_bar
 
 FORMAT = "promptkd.teacher_cache.v1"
 MANIFEST = "manifest.json"
@@ -400,41 +399,6 @@ def _valid_shard(path: Path, rows: int, dim: int, dtype: np.dtype) -> bool:
     return arr.shape == (rows, dim) and arr.dtype == dtype
 
 
-class _Progress:
-    """tqdm on a terminal, otherwise a plain line with rate and ETA every ``every`` seconds."""
-
-    def __init__(self, total: int, done: int, enabled: bool | None, desc: str = "teacher-cache"):
-        self.total, self.done, self.desc = total, done, desc
-        self.start, self.last, self.counted = time.time(), 0.0, 0
-        self.bar = None
-        if enabled is None:
-            enabled = sys.stderr.isatty()
-        self.plain = not enabled
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=done, desc=desc, unit="view", dynamic_ncols=True)
-
-    def update(self, n: int, every: float = 30.0) -> None:
-        self.done += n
-        self.counted += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.time()
-        if now - self.last >= every or self.done >= self.total:
-            self.last = now
-            rate = self.counted / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
-            print(f"{self.desc}: {self.done:,}/{self.total:,} views ({100 * self.done / max(1, self.total):.1f}%), "
-                  f"{rate:.1f} views/s, ETA {eta_text}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 @torch.no_grad()
 def _features(teacher, images: Tensor, device: torch.device, precision: str) -> Tensor:
     """Normalised float32 teacher features, computed as DistillModule computes them inside the loop."""
@@ -566,7 +530,8 @@ def build_teacher_cache(teacher, dataset: UnlabelledImages, out_dir: str | os.Pa
     pending = [(v, s) for v in range(n_views) for s in range(layout["num_shards"])
                if not _valid_shard(out / shard_name(v, s), rows[s], dim, np_dtype)]
     total = n * n_views
-    bar = _Progress(total, total - sum(rows[s] for _, s in pending), progress)
+    bar = progress_bar(total=total, initial=total - sum(rows[s] for _, s in pending), desc="teacher-cache",
+                       unit="view", enabled=progress is not False)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=_ShardBatches(pending, n, shard_size, batch_size), num_workers=num_workers,
         pin_memory=dev.type == "cuda", persistent_workers=False)

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from promptkd.methods.templates import DEFAULT_TEMPLATE, check_templates, fill
+from promptkd.progress import progress_bar
 from promptkd.store import ClassVectorStore
 
 
@@ -40,7 +40,8 @@ def zeroshot_class_vectors(teacher, class_names: Sequence[str], templates: Seque
     teacher.eval()
     total: Tensor | None = None
     try:
-        for template in tqdm(templates, desc="zero-shot templates", disable=not progress or len(templates) < 2):
+        for template in progress_bar(templates, desc="zero-shot templates", unit="template",
+                                    enabled=progress and len(templates) >= 2):
             texts = [fill(template, name) for name in names]
             chunks = [teacher.encode_text(texts[i : i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)]
             feats = F.normalize(torch.cat(chunks), dim=-1)
