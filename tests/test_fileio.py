@@ -43,3 +43,23 @@ def test_an_os_error_is_one_line_naming_the_path(tmp_path):
     target = tmp_path / "file" / "out.json"
     with pytest.raises(OutputError, match=f"^{target}: "):
         atomic_write(target, "x")
+
+
+def test_promptkd_writes_files_only_through_the_atomic_writers():
+    """A guard: every file the library writes goes through promptkd.fileio (test fixtures excepted), so an
+    interrupted run never leaves a half-written results.json, report or checkpoint behind."""
+    import re
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "promptkd"
+    # appending ("a": logs, resumable prediction files) is by design; a line may say it is a scratch file
+    raw = re.compile(r"\.write_text\(|\.write_bytes\(|\bopen\([^)]*['\"]wb?['\"]|\.savefig\(\s*path|torch\.save\(\s*[^,]*path")
+    allowed = {"fileio.py", "data/fixtures.py"}
+    offenders = []
+    for py in sorted(src.rglob("*.py")):
+        rel = py.relative_to(src).as_posix()
+        if rel in allowed:
+            continue
+        offenders += [f"{rel}:{i}: {line.strip()}" for i, line in enumerate(py.read_text().splitlines(), 1)
+                      if raw.search(line) and "atomic_save_with(" not in line and "# scratch file" not in line]
+    assert not offenders, "\n".join(offenders)

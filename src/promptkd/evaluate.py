@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -286,14 +285,18 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
-def write_results(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
-    """results.json, a readable results.md and per_class.csv in ``out_dir``."""
+def write_results(result: EvalResult, out_dir: str | Path, name: str = "") -> dict[str, Path]:
+    """results.json, a readable results.md and per_class.csv in ``out_dir``, each written atomically.
+
+    ``name`` (optional) goes into results.json to tell apart two models of one kind in a report."""
+    from promptkd.fileio import atomic_write, atomic_write_json, atomic_writer
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / RESULTS_FILE, "table": out / TABLE_FILE, "per_class": out / PER_CLASS_FILE}
-    paths["json"].write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    paths["table"].write_text(format_result(result))
-    with open(paths["per_class"], "w", newline="") as f:
+    record = result.to_json()
+    atomic_write_json(paths["json"], {**record, "name": name} if name else record, indent=2)
+    atomic_write(paths["table"], format_result(result))
+    with atomic_writer(paths["per_class"], "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["group", "label", "class_name", "correct", "total", "accuracy"])
         for group in result.groups.values():

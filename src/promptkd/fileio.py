@@ -74,9 +74,10 @@ def _replacing(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Context manager giving a file object; on success the file replaces ``path`` atomically."""
-    with _replacing(path) as tmp, open(tmp, mode) as f:
+def atomic_writer(path: str | os.PathLike, mode: str = "wb", **open_options: Any) -> Iterator[Any]:
+    """Context manager giving a file object (``open(..., mode, **open_options)``); on success the file
+    replaces ``path`` atomically."""
+    with _replacing(path) as tmp, open(tmp, mode, **open_options) as f:
         yield f
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from promptkd import paper
 from promptkd.evaluate import MODELS, PROTOCOLS, RESULTS_FILE
+from promptkd.fileio import atomic_save_with, atomic_write, atomic_writer
 
 MODEL_ORDER = {m: i for i, m in enumerate(MODELS)}
 DATASET_ORDER = {d: i for i, d in enumerate(paper.BASE_TO_NOVEL_DATASETS + paper.DG_TARGETS)}
@@ -464,7 +465,7 @@ def write_csv(tables: Sequence[Table], path: str | Path) -> Path:
         for r in t.rows:
             keys.extend(k for k in r if k not in keys)
     path = Path(path)
-    with open(path, "w", newline="") as f:
+    with atomic_writer(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         for t in tables:
@@ -510,7 +511,7 @@ def plot_table(table: Table, path: str | Path) -> Path:
     ax.legend(ncol=len(series), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    atomic_save_with(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path
 
@@ -538,7 +539,7 @@ def make_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, seed
     out = Path(out_dir) if out_dir is not None else Path(runs_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"markdown": out / "report.md", "csv": out / "report.csv"}
-    files["markdown"].write_text(text)
+    atomic_write(files["markdown"], text)
     write_csv(tables, files["csv"])
     if plot:
         for t in tables:

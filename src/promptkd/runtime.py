@@ -82,7 +82,7 @@ def decode_image(source: str | os.PathLike | bytes, name: str | None = None,
     label = name or "<upload>"
     with tempfile.TemporaryDirectory(prefix="promptkd-upload-") as tmp:
         path = os.path.join(tmp, "upload" + Path(label).suffix.lower()[:8])
-        with open(path, "wb") as f:
+        with open(path, "wb") as f:  # scratch file, removed with its folder
             f.write(source)
         try:
             return read_image(path, max_pixels=limit)

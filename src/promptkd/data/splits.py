@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from promptkd.data.benchmarks import Benchmark, Sample, list_images
+from promptkd.fileio import atomic_write_json
 
 
 def class_halves(num_classes: int) -> tuple[list[int], list[int]]:
@@ -133,12 +134,9 @@ def few_shot(samples: Sequence[Sample], k: int, seed: int, cache_dir: str | os.P
             _select(list(after[0]), after[1], rng, name)
     indices = _select(samples, k, rng, name)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
         record = {"dataset": name, "k": k, "seed": seed, "fingerprint": fingerprint, "indices": indices,
                   "paths": [samples[i].path for i in indices]}
-        tmp = cache.with_suffix(f".json.{os.getpid()}.tmp")  # several processes (torchrun) may write at once
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, cache)
+        atomic_write_json(cache, record, indent=1)  # a per-process temporary: torchrun's ranks may write at once
     return [samples[i] for i in indices]
 
 

@@ -170,16 +170,13 @@ def evaluate_model(encode: Callable[[Tensor], Tensor], store, data: DemoData, ro
                    out_dir: Path, selection: str = "last", source: dict | None = None):
     """Base-to-novel evaluation of one row of the table (the core's evaluation code), written to ``out_dir``."""
     from promptkd import evaluate as ev
-    from promptkd.fileio import atomic_write_json, read_json
 
     model = "zeroshot" if row.startswith("zero-shot") else row
     loader = DataLoader(data.test, batch_size=250, shuffle=False, num_workers=0)
     feats, labels = ev.extract_features(encode, loader, progress=False)
     result = ev.evaluate_features(feats, labels, store, fm.CLASS_NAMES, "base2novel", dataset=DATASET,
                                   seed=cfg.seed, model=model, selection=selection, source=source or {})
-    paths = ev.write_results(result, out_dir)
-    record = read_json(paths["json"])
-    atomic_write_json(paths["json"], {**record, "name": ROW_NAMES[row]}, indent=2)
+    ev.write_results(result, out_dir, name=ROW_NAMES[row])
     return result
 
 

@@ -213,12 +213,13 @@ class Tokenizer:
 
     def save_hf_dir(self, path: str | Path) -> Path:
         """Write ``vocab.json`` and ``merges.txt`` (Hugging Face layout) for this vocabulary."""
+        from promptkd.fileio import atomic_write
+
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "vocab.json").write_text(json.dumps(self.encoder, ensure_ascii=False), encoding="utf-8")
+        atomic_write(path / "vocab.json", json.dumps(self.encoder, ensure_ascii=False))
         merges = sorted(self.bpe_ranks, key=self.bpe_ranks.__getitem__)
         lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-        (path / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        atomic_write(path / "merges.txt", "\n".join(lines) + "\n")
         return path
 
     # --- BPE ---------------------------------------------------------------------------------------

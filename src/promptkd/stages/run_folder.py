@@ -83,7 +83,7 @@ class RunFolder:
         try:
             p.mkdir(parents=True, exist_ok=True)
             probe = p / f".write-test.tmp{os.getpid()}"
-            with open(probe, "wb") as f:
+            with open(probe, "wb") as f:  # scratch file: the writability probe
                 f.write(b"promptkd")
             probe.unlink()
         except OSError as exc:
