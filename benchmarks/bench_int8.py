@@ -123,25 +123,13 @@ def median_time(fn, reps: int) -> float:
 
 
 def speed_part(work: Path, threads: int, reps: int, classes: int, calib_count: int) -> dict:
-    from promptkd.models.clip import CLIP, preset
-    from promptkd.models.clip_backbones import ClipStudent
-    from promptkd.models.prompts import PromptConfig
+    from bench_precision import vit_student  # the same random ViT-B/16 student (a script beside this one)
+
     from promptkd.quantize import QuantizeSettings, quantize_onnx
     from promptkd.runtime import ort_session, synthetic_check_batch
-    from promptkd.serve import LoadedStudent, export_onnx
-    from promptkd.store import ClassVectorStore
+    from promptkd.serve import export_onnx
 
-    torch.manual_seed(0)
-    vectors = torch.nn.functional.normalize(torch.randn(classes, 768), dim=-1)
-    clip = CLIP(preset("ViT-B/16").image_only())
-    with torch.no_grad():  # a fresh CLIP leaves some weights at zero (they come from a checkpoint)
-        for p in clip.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.02)
-    backbone = ClipStudent(clip, 768,
-                           PromptConfig(n_ctx_text=0, text_depth=0, ctx_init=None, n_ctx_vision=4, vision_depth=9))
-    store = ClassVectorStore(vectors, [f"class {i}" for i in range(classes)], 100.0)
-    loaded = LoadedStudent(backbone.eval(), store, {"backbone": backbone.identity()}, "vit-b16-random")
+    loaded = vit_student(classes)
     fp32 = export_onnx(loaded, work / "vit_fp32.onnx")
     calib = synthetic_check_batch(loaded.image_spec, n=calib_count, seed=1).numpy()
     variants = {
