@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from promptkd.engine import distributed  # noqa: E402
 from promptkd.engine.loop import LoopConfig, fit  # noqa: E402
 from promptkd.methods.promptkd import DistillModule  # noqa: E402
+from promptkd.stages.common import distributed_session  # noqa: E402
 from promptkd.store import build_store  # noqa: E402
 from test_distill_module import CLASSES, Images, TinyStudent, TinyTeacher  # noqa: E402
 
@@ -63,9 +64,6 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
 
 
 if __name__ == "__main__":
-    distributed.init_from_env()
-    try:
+    with distributed_session():  # the stages' own join/barrier/leave
         assert distributed.world_size() == 2
         run(sys.argv[1], batch_size=2, grad_accum=2)
-    finally:
-        distributed.cleanup()

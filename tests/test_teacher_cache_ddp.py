@@ -25,6 +25,7 @@ from promptkd.engine import distributed  # noqa: E402
 from promptkd.engine.loop import LoopConfig, fit  # noqa: E402
 from promptkd.methods import teacher_cache as tc  # noqa: E402
 from promptkd.methods.promptkd import DistillModule  # noqa: E402
+from promptkd.stages.common import distributed_session  # noqa: E402
 from promptkd.store import build_store  # noqa: E402
 from test_distill_module import CLASSES, IMAGE, TinyStudent, TinyTeacher  # noqa: E402
 
@@ -80,9 +81,6 @@ def test_two_gloo_processes_train_from_the_cache_as_from_the_teacher(tmp_path):
 
 
 if __name__ == "__main__":
-    distributed.init_from_env()
-    try:
+    with distributed_session():  # the stages' own join/barrier/leave
         assert distributed.world_size() == 2
         worker(json.loads(Path(sys.argv[1]).read_text()), sys.argv[2])
-    finally:
-        distributed.cleanup()

@@ -8,6 +8,7 @@ to the single-process case (rank 0 of 1), so code can call these helpers uncondi
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -135,5 +136,9 @@ def broadcast_object(obj, src: int = 0):
 
 
 def cleanup() -> None:
+    """Leave the process group. Unreachable objects that still hold it (a DDP wrapper caught in a
+    reference cycle) are collected first, so its worker threads stop here and not during interpreter
+    shutdown."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
