@@ -37,6 +37,25 @@ def test_help_states_what_the_options_really_do(capsys):
     assert "(default: 1)" in text  # --seed, from argparse's %(default)s
 
 
+def test_help_lists_every_set_key_with_its_real_default(capsys):
+    import dataclasses
+    import re
+
+    from promptkd.cli.demo_cmd import SET_BY_OPTIONS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    text = capsys.readouterr().out
+    listed = dict(re.findall(r"^  ([a-z_]+)=(\S+)", text.split("settings for --set")[1].split("(--quick")[0],
+                                 flags=re.M))
+    fields = {f.name for f in dataclasses.fields(pipeline.DemoConfig)}
+    assert set(listed) == fields - set(SET_BY_OPTIONS) and listed
+    for key, shown in listed.items():  # each printed default is accepted by --set and is the default
+        args = build_parser().parse_args(["demo", "--set", f"{key}={shown}"])
+        assert build_config(args) == build_config(build_parser().parse_args(["demo"])), key
+    assert "unlabelled=500" in " ".join(text.split()) and "resolution=128" not in text.split("--quick sets")[1]
+
+
 def test_next_steps_name_this_runs_folders_and_the_quick_run_says_what_it_is_for():
     steps = next_steps({"config": {"out_dir": "runs/demo"}}, quick=False, prog="promptkd")
     assert "  promptkd predict runs/demo/samples --student runs/demo/student" in "\n".join(steps)

@@ -311,6 +311,32 @@ def keys_of(schema: type, prefix: str = "", exclude: Iterable[str] = ()) -> list
     return out
 
 
+def describe(schema: type, prefix: str = "", exclude: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """``(key=default, help with bounds or choices)`` for every key of ``schema``, for ``--help`` texts."""
+    lines = []
+    skip = set(exclude)
+    hints = _hints(schema)
+    for f in dataclasses.fields(schema):
+        name = f"{prefix}{f.name}"
+        if name in skip:
+            continue
+        if _is_section(hints[f.name]):
+            lines.extend(describe(hints[f.name], name + ".", skip))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        meta = f.metadata or {}
+        limits = [f"{word} {meta[k]}" for k, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                  if meta.get(k) is not None]
+        if meta.get("choices"):
+            limits.append("one of " + ", ".join(map(str, meta["choices"])))
+        text = meta.get("help", "")
+        if limits:
+            text = f"{text} ({'; '.join(limits)})" if text else "; ".join(limits)
+        shown = "null" if default is None else default
+        lines.append((f"{name}={shown}", text))
+    return lines
+
+
 def _suggest(key: str, known: Iterable[str]) -> str:
     known = list(known)
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)

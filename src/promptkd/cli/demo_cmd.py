@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib.util
 import sys
+import textwrap
 from pathlib import Path
 
 REQUIRED_PACKAGES = {
@@ -29,9 +30,30 @@ DEFAULT_OUT = "runs/demo"
 QUICK_OUT = "runs/demo-quick"
 
 
+# DemoConfig fields that the options above set; --set can change them too
+SET_BY_OPTIONS = ("out_dir", "data_root", "cache_dir", "seed", "threads", "progress")
+
+
+class _SettingsHelp(argparse.HelpFormatter):
+    """Appends the --set keys (DemoConfig's fields) to the help; built only when help is shown, so the
+    CLI does not import torch to parse arguments."""
+
+    def format_help(self) -> str:
+        from promptkd import config
+        from promptkd.demo.pipeline import DemoConfig
+
+        rows = config.describe(DemoConfig, exclude=SET_BY_OPTIONS)
+        width = max(len(key) for key, _ in rows) + 2
+        keys = "\n".join(f"  {key:<{width}}{text}".rstrip() for key, text in rows)
+        defaults = DemoConfig()
+        changed = ", ".join(f"{k}={v}" for k, v in QUICK.items() if getattr(defaults, k) != v)
+        quick = textwrap.fill(f"(--quick sets {changed})", 78, initial_indent="  ", subsequent_indent="  ")
+        return f"{super().format_help()}\nsettings for --set KEY=VALUE, with their defaults:\n{keys}\n{quick}\n"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "demo", help="run PromptKD end to end offline (EfficientNet-Lite + MiniLM on Fashion-MNIST)",
+        "demo", formatter_class=_SettingsHelp, help="run PromptKD end to end offline (EfficientNet-Lite + MiniLM on Fashion-MNIST)",
         description="Teacher prompts from a few labelled base-class images, class vectors stored once, a smaller "
                     "student distilled from unlabelled images of all classes; prints Base/Novel/HM for the "
                     "zero-shot models, the teacher and the student, and writes results.json, results.md and "
@@ -54,8 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"{QUICK['teacher_epochs']}+{QUICK['student_epochs']} epochs, "
                         f"{10 * QUICK['test_per_class']} test images; writes to {QUICK_OUT} (default: off)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a demo setting, e.g. --set student_epochs=5 (the fields of "
-                        "promptkd.demo.pipeline.DemoConfig; default: none)")
+                   help="override a demo setting, e.g. --set student_epochs=5 (the settings are listed "
+                        "below; default: none)")
     p.add_argument("--check", action="store_true", help="only check that the data and packages are present "
                    "(default: off)")
     p.add_argument("--debug", action="store_true", help="show tracebacks (default: off)")
