@@ -67,3 +67,31 @@ def test_the_checker_finds_missing_help_and_unstated_defaults():
     parser.add_argument("path")
     assert help_offenders(parser) == ["--silent: no help", "--vague: help does not state the default ('x')",
                                       "path: no help"]
+
+
+@pytest.mark.parametrize("command, schema_path", [
+    ("train-teacher", "promptkd.stages.teacher:TeacherSettings"),
+    ("distill", "promptkd.stages.distillation:DistillSettings"),
+    ("teacher-cache", "promptkd.stages.distillation:DistillSettings"),
+])
+def test_stage_help_lists_every_set_key_and_its_default_parses_back(command, schema_path, capsys):
+    """The key list at the end of --help is the schema the stage builds its config with (what --set
+    accepts), and each printed default, given back to --set, is that default."""
+    import importlib
+    import re
+
+    from promptkd import config
+
+    module_name, name = schema_path.split(":")
+    module = importlib.import_module(module_name)
+    schema = getattr(module, name)
+    exclude = getattr(module, "EXCLUDE", ())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = capsys.readouterr().out.split("config keys for --set KEY=VALUE:")[1]
+    shown = dict(re.findall(r'^  ([a-z_.]+)=("[^"]*"|\S+)', text, flags=re.M))
+    assert list(shown) == config.keys_of(schema, exclude=exclude)
+    defaults = config.build(schema, None, [], exclude=exclude)
+    given_back = config.build(schema, None, [f"{k}={v}" for k, v in shown.items()], exclude=exclude)
+    assert given_back == defaults
+    assert "OUT/config.yaml" in " ".join(text.split())

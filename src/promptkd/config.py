@@ -311,28 +311,34 @@ def keys_of(schema: type, prefix: str = "", exclude: Iterable[str] = ()) -> list
     return out
 
 
-def describe(schema: type, prefix: str = "", exclude: Iterable[str] = ()) -> list[tuple[str, str]]:
-    """``(key=default, help with bounds or choices)`` for every key of ``schema``, for ``--help`` texts."""
+def describe(schema: type, exclude: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """``(key=default, help with bounds or choices)`` for every key of ``schema``, for ``--help`` texts.
+
+    The defaults are :func:`defaults_of`'s, so a section whose owner sets its own values shows those."""
+    defaults = flatten(defaults_of(schema, exclude))
+    rows = []
+
+    def walk(sch: type, prefix: str) -> None:
+        hints = _hints(sch)
+        for f in dataclasses.fields(sch):
+            name = f"{prefix}{f.name}"
+            if name in defaults:
+                rows.append((name, f.metadata or {}))
+            elif _is_section(hints[f.name]):
+                walk(hints[f.name], name + ".")
+
+    walk(schema, "")
     lines = []
-    skip = set(exclude)
-    hints = _hints(schema)
-    for f in dataclasses.fields(schema):
-        name = f"{prefix}{f.name}"
-        if name in skip:
-            continue
-        if _is_section(hints[f.name]):
-            lines.extend(describe(hints[f.name], name + ".", skip))
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        meta = f.metadata or {}
-        limits = [f"{word} {meta[k]}" for k, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+    for name, meta in rows:
+        limits = [f"{word}{meta[k]}" for k, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
                   if meta.get(k) is not None]
         if meta.get("choices"):
             limits.append("one of " + ", ".join(map(str, meta["choices"])))
         text = meta.get("help", "")
         if limits:
             text = f"{text} ({'; '.join(limits)})" if text else "; ".join(limits)
-        shown = "null" if default is None else default
+        value = defaults[name]
+        shown = "null" if value is None else f'"{value}"' if isinstance(value, str) and " " in value else value
         lines.append((f"{name}={shown}", text))
     return lines
 

@@ -1,11 +1,15 @@
-"""Options shared by the commands that run a training stage; how to name this command to the user."""
+"""Options shared by the commands that run a training stage, the list of their --set keys in --help, and
+how to name this command to the user."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import sys
+import textwrap
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -47,3 +51,43 @@ def add_run_options(parser: argparse.ArgumentParser, seed_help: str) -> None:
                         help="allow unpickling the weights files named on this command line when they are not plain "
                              "tensor files (only for files you trust)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def settings_help(schema: str, title: str, exclude: Iterable[str] | str = (),
+                  footer: Callable[[type], str] | None = None) -> type[argparse.HelpFormatter]:
+    """A help formatter that ends ``--help`` with every ``--set`` key of a config schema, its default and
+    its bounds or choices. ``schema`` is ``"module:Class"``, imported only when help is shown (so parsing
+    arguments never imports torch); ``exclude`` lists keys not to show, or names a tuple of them in the
+    schema's module; ``footer(schema_class)`` adds a closing paragraph."""
+    module_name, class_name = schema.split(":")
+
+    class SettingsHelp(argparse.HelpFormatter):
+        def format_help(self) -> str:
+            from promptkd import config
+
+            module = importlib.import_module(module_name)
+            cls = getattr(module, class_name)
+            rows = config.describe(cls, exclude=getattr(module, exclude) if isinstance(exclude, str) else exclude)
+            key_width = min(max(len(key) for key, _ in rows) + 2, 36)
+            width = max(shutil.get_terminal_size().columns - 2, 60)
+            lines = [f"\n{title}:"]
+            for key, text in rows:
+                head = f"  {key:<{key_width}}"
+                if len(head) > key_width + 2:  # a long key=default gets its own line
+                    lines.append(head.rstrip())
+                    head = " " * (key_width + 2)
+                wrapped = textwrap.wrap(text, width - len(head)) or [""]
+                lines.append((head + wrapped[0]).rstrip())
+                lines.extend(" " * len(head) + more for more in wrapped[1:])
+            if footer is not None:
+                lines.append(textwrap.fill(footer(cls), width, initial_indent="  ", subsequent_indent="  "))
+            return super().format_help() + "\n".join(lines) + "\n"
+
+    return SettingsHelp
+
+
+def preset_note(_schema: type) -> str:
+    """The closing paragraph of a stage's --set list."""
+    return ("These are the schema's defaults; the --config preset's values apply on top of them, then --set. "
+            "Presets are YAML files packaged in promptkd/presets/; a run saves the config it resolved as "
+            "OUT/config.yaml.")

@@ -11,8 +11,9 @@ import argparse
 import dataclasses
 import importlib.util
 import sys
-import textwrap
 from pathlib import Path
+
+from promptkd.cli.common import settings_help
 
 REQUIRED_PACKAGES = {
     "transformers": "transformers",
@@ -34,26 +35,17 @@ QUICK_OUT = "runs/demo-quick"
 SET_BY_OPTIONS = ("out_dir", "data_root", "cache_dir", "seed", "threads", "progress")
 
 
-class _SettingsHelp(argparse.HelpFormatter):
-    """Appends the --set keys (DemoConfig's fields) to the help; built only when help is shown, so the
-    CLI does not import torch to parse arguments."""
-
-    def format_help(self) -> str:
-        from promptkd import config
-        from promptkd.demo.pipeline import DemoConfig
-
-        rows = config.describe(DemoConfig, exclude=SET_BY_OPTIONS)
-        width = max(len(key) for key, _ in rows) + 2
-        keys = "\n".join(f"  {key:<{width}}{text}".rstrip() for key, text in rows)
-        defaults = DemoConfig()
-        changed = ", ".join(f"{k}={v}" for k, v in QUICK.items() if getattr(defaults, k) != v)
-        quick = textwrap.fill(f"(--quick sets {changed})", 78, initial_indent="  ", subsequent_indent="  ")
-        return f"{super().format_help()}\nsettings for --set KEY=VALUE, with their defaults:\n{keys}\n{quick}\n"
+def _quick_line(schema: type) -> str:
+    defaults = schema()
+    changed = ", ".join(f"{k}={v}" for k, v in QUICK.items() if getattr(defaults, k) != v)
+    return f"(--quick sets {changed})"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "demo", formatter_class=_SettingsHelp, help="run PromptKD end to end offline (EfficientNet-Lite + MiniLM on Fashion-MNIST)",
+        "demo", formatter_class=settings_help("promptkd.demo.pipeline:DemoConfig", "settings for --set KEY=VALUE, "
+                                              "with their defaults", SET_BY_OPTIONS, _quick_line),
+        help="run PromptKD end to end offline (EfficientNet-Lite + MiniLM on Fashion-MNIST)",
         description="Teacher prompts from a few labelled base-class images, class vectors stored once, a smaller "
                     "student distilled from unlabelled images of all classes; prints Base/Novel/HM for the "
                     "zero-shot models, the teacher and the student, and writes results.json, results.md and "

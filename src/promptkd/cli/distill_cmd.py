@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 
-from promptkd.cli.common import add_run_options
+from promptkd.cli.common import add_run_options, preset_note, settings_help
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from promptkd.data.custom import DATASET_HELP
 
     p = subparsers.add_parser(
-        "distill", help="stage 2: distil the teacher into the student's prompts from unlabelled images",
+        "distill", formatter_class=settings_help("promptkd.stages.distillation:DistillSettings", "config keys for --set KEY=VALUE",
+                                                (), preset_note),
+        help="stage 2: distil the teacher into the student's prompts from unlabelled images",
         description="Train the student's prompts and projector so that its logits over the stored class "
                     "vectors match the frozen teacher's (KL divergence), on unlabelled images only. Presets: "
                     "distill/base2novel/<dataset>, distill/cross_dataset/<dataset>, "

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli.common import preset_note, settings_help
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from promptkd.data.custom import DATASET_HELP
 
     p = subparsers.add_parser(
-        "teacher-cache", help="stage 2 ahead of time: store the teacher's features of every augmented view",
+        "teacher-cache", formatter_class=settings_help("promptkd.stages.distillation:DistillSettings", "config keys for --set KEY=VALUE",
+                                                (), preset_note),
+        help="stage 2 ahead of time: store the teacher's features of every augmented view",
         description="Run the frozen prompted teacher's image tower over the augmented views a `promptkd distill` "
                     "run with the same config and seed will draw, and store the normalised features (memory-mapped "
                     "shards, resumable), so that distillation can run without the teacher.")

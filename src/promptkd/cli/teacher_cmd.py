@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 
-from promptkd.cli.common import add_run_options
+from promptkd.cli.common import add_run_options, preset_note, settings_help
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from promptkd.data.custom import DATA_ROOT_HELP, DATASET_HELP
 
     train = subparsers.add_parser(
-        "train-teacher", help="stage 1: learn the teacher's prompts (PromptSRC) on few-shot labelled data",
+        "train-teacher", formatter_class=settings_help("promptkd.stages.teacher:TeacherSettings", "config keys for --set KEY=VALUE",
+                                                "EXCLUDE", preset_note),
+        help="stage 1: learn the teacher's prompts (PromptSRC) on few-shot labelled data",
         description="Train the teacher's prompts (PromptSRC by default; IVLP and CoOp with --set "
                     "method.method=ivlp|coop) on K shots per class of a benchmark, and save the teacher "
                     "artefact (prompts in safetensors + JSON) in --out.")
