@@ -46,7 +46,8 @@ def run(out_dir: str, batch_size: int, grad_accum: int = 1) -> None:
 
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     run(str(tmp_path / "single"), batch_size=8)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
            __file__, str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

@@ -64,7 +64,8 @@ def test_two_gloo_processes_train_from_the_cache_as_from_the_teacher(tmp_path):
                            progress=False)
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"paths": paths, "cache": str(tmp_path / "cache")}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
            __file__, str(spec), str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
