@@ -119,7 +119,7 @@ class ClassVectorStore:
                         logit_scale=scale, teacher=teacher)
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
-        duplicates = _duplicates(store.class_names)
+        duplicates = duplicate_names(store.class_names)
         if duplicates:
             shown = "; ".join(f"{name!r} at labels {labels}" for name, labels in list(duplicates.items())[:5])
             warnings.warn(f"{source}: {len(duplicates)} class name(s) appear more than once ({shown}): "
@@ -166,7 +166,8 @@ def _json_field(meta: Mapping[str, str], name: str, source: str | Path, default=
         raise ValueError(f"{source}: field {name!r} is not valid JSON ({exc})") from None
 
 
-def _duplicates(names: Sequence[str]) -> dict[str, list[int]]:
+def duplicate_names(names: Sequence[str]) -> dict[str, list[int]]:
+    """{name: its labels} for every name that more than one label has."""
     labels: dict[str, list[int]] = {}
     for i, n in enumerate(names):
         labels.setdefault(n, []).append(i)

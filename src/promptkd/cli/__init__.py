@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+from pathlib import Path
 
 # module name (under promptkd.cli) for each group of subcommands, in --help order
 SUBCOMMAND_MODULES = [
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("promptkd: error: a command is required (promptkd --help lists them)", file=sys.stderr)
         return 2
+    formatwarning = warnings.formatwarning
+    if not getattr(args, "debug", False):
+        warnings.formatwarning = _warning_line(args.command, formatwarning)
     try:
         result = args.func(args)
     except KeyboardInterrupt:
@@ -76,7 +81,22 @@ def main(argv: list[str] | None = None) -> int:
         _close_progress_bars()
         print(f"promptkd {args.command}: error: {exc}", file=sys.stderr)  # names the step; checkpoint kept
         return 3
+    finally:
+        warnings.formatwarning = formatwarning
     return int(result or 0)
+
+
+def _warning_line(command: str, default):
+    """promptkd's own warnings as one line, ``promptkd COMMAND: warning: ...`` (others, and --debug, as Python
+    shows them: file, line and source)."""
+    package = str(Path(__file__).resolve().parents[1])
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        if issubclass(category, UserWarning) and str(Path(filename).resolve()).startswith(package):
+            return f"promptkd {command}: warning: {' '.join(str(message).split())}\n"
+        return default(message, category, filename, lineno, line)
+
+    return format_warning
 
 
 def _close_progress_bars() -> None:

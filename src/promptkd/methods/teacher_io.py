@@ -11,6 +11,7 @@ A teacher is CLIP weights + a prompt file. Everything that makes or reads one go
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from promptkd.config import spec
 from promptkd.methods import dassl_import
-from promptkd.store import ClassVectorStore, build_store
+from promptkd.store import ClassVectorStore, build_store, duplicate_names
 
 
 @dataclass
@@ -197,13 +198,19 @@ def convert_dassl_teacher(src: str | Path, weights: str | Path, out_dir: str | P
 
 
 def compute_class_vectors(teacher, class_names: Sequence[str], batch_size: int = 256) -> ClassVectorStore:
-    """The prompted teacher text tower, once, over every class name -> normalised store."""
+    """The prompted teacher text tower, once, over every class name -> normalised store.
+
+    A name may appear twice (ImageNet's CLIP-style list: "missile", "sunglasses"): labels are positions, so
+    both classes keep their own row, which is the same vector, as in the authors' code; the store warns."""
     names = list(class_names)
     if not names:
         raise ValueError("no class names to encode")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"duplicate class names would make labels ambiguous: {dupes[:5]}")
+    repeated = duplicate_names(names)
+    if repeated:
+        shown = "; ".join(f"{name!r} at labels {labels}" for name, labels in list(repeated.items())[:5])
+        warnings.warn(f"{len(repeated)} class name(s) appear more than once ({shown}): each keeps its own row, "
+                      "the same vector, so the model cannot tell those classes apart (as in the authors' code)",
+                      stacklevel=2)
     return build_store(teacher, names, batch_size=batch_size)
 
 
