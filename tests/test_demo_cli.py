@@ -144,3 +144,54 @@ def test_bad_demo_overrides_are_one_line_before_any_work(tmp_path, capsys, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
     assert not started and not out.exists()
+
+
+def _previous_run(folder, **changes):
+    """A folder as a finished demo run leaves it (results.json with its config), plus a report of it."""
+    import dataclasses
+    import json
+
+    folder.mkdir(parents=True)
+    config = {**dataclasses.asdict(pipeline.DemoConfig(out_dir=str(folder))), **changes}
+    (folder / "results.json").write_text(json.dumps({"kind": pipeline.SUMMARY_KIND, "config": config}))
+    (folder / "student").mkdir()
+    (folder / "report.md").write_text("student HM 68.45\n")
+    (folder / "report_base2novel.png").write_bytes(b"png")
+    return folder
+
+
+def test_a_quick_run_into_a_full_runs_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    from promptkd.cli import main
+
+    def started(*a, **k):
+        raise AssertionError("the demo started")
+
+    monkeypatch.setattr(pipeline, "sample_data", started)
+    full = _previous_run(tmp_path / "full")
+    before = sorted(p.name for p in full.iterdir())
+    assert main(["demo", "--quick", "--out", str(full)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a demo run made with other settings" in err[0], err
+    assert "unlabelled 2000 -> 500" in err[0] and "--overwrite" in err[0]
+    assert sorted(p.name for p in full.iterdir()) == before  # nothing removed
+    with pytest.raises(AssertionError, match="the demo started"):  # --overwrite goes ahead
+        main(["demo", "--quick", "--out", str(full), "--overwrite"])
+    assert not (full / "report.md").exists() and not (full / "report_base2novel.png").exists()
+
+
+def test_same_settings_are_redone_and_stale_reports_go(tmp_path):
+    folder = _previous_run(tmp_path / "demo", threads=2, progress=False)  # settings that change no number
+    note = pipeline.prepare_out_dir(pipeline.DemoConfig(out_dir=str(folder)))
+    assert note and "same settings" in note
+    assert sorted(p.name for p in folder.iterdir()) == ["results.json", "student"]
+
+
+def test_a_folder_with_other_files_is_refused(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("x")
+    with pytest.raises(ValueError, match=r"holds files the demo does not write \(thesis.tex\)"):
+        pipeline.prepare_out_dir(pipeline.DemoConfig(out_dir=str(folder)))
+    assert pipeline.prepare_out_dir(pipeline.DemoConfig(out_dir=str(folder)), overwrite=True) is None
+    assert (folder / "thesis.tex").exists()
+    assert pipeline.prepare_out_dir(pipeline.DemoConfig(out_dir=str(tmp_path / "new"))) is None

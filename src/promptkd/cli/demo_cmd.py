@@ -70,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a demo setting, e.g. --set student_epochs=5 (the settings are listed "
                         "below; default: none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a demo run that --out holds although it was made with other settings (a run with "
+                        "the same settings is redone without it; default: off)")
     p.add_argument("--check", action="store_true", help="only check that the data and packages are present "
                    "(default: off)")
     p.add_argument("--debug", action="store_true", help="show tracebacks (default: off)")
@@ -146,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         print(f"promptkd demo --quick: a one-minute check that every stage runs (not the demo's result), "
               f"written to {cfg.out_dir}", flush=True)
-    summary = run_demo(cfg, log=lambda msg: print(msg, flush=True))
+    summary = run_demo(cfg, log=lambda msg: print(msg, flush=True), overwrite=args.overwrite)
     print()
     print(table_console(summary))
     t = summary["time_s"]

@@ -16,6 +16,7 @@ test split (``test_per_class`` images per class), base and novel accuracies with
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -223,8 +224,60 @@ def load_models(cfg: DemoConfig, cache_dir: Path | None):
     return teacher, zs_student
 
 
-def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
-    """Run the whole demo; returns the summary written to ``out_dir/results.json``."""
+# what a demo run writes in its folder, and what `promptkd report` adds there (stale once the run is redone)
+DEMO_ENTRIES = ("results.json", "results.md", "results.png", "samples", "student", "teacher", "zeroshot_student",
+                "zeroshot_teacher")
+REPORT_ENTRIES = ("report.md", "report.csv")
+# settings that do not change the demo's numbers
+NOT_RESULT_SETTINGS = ("out_dir", "data_root", "cache_dir", "threads", "progress")
+
+
+def prepare_out_dir(cfg: DemoConfig, overwrite: bool = False) -> str | None:
+    """Make sure running the demo into ``cfg.out_dir`` loses nothing; returns a note for the log, if any.
+
+    A folder holding the demo's run with the same settings is redone (the run is reproducible); one holding
+    a demo run with other settings, or files the demo does not write, is refused unless ``overwrite``.
+    Reports that `promptkd report` wrote from the previous run are removed, as they would be stale."""
+    out = Path(cfg.out_dir)
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ValueError(f"{out}: --out is a file, not a folder")
+    entries = sorted(e.name for e in out.iterdir())
+    if not entries:
+        return None
+    own = set(DEMO_ENTRIES) | set(REPORT_ENTRIES)
+    foreign = [n for n in entries if n not in own and not (n.startswith("report_") and n.endswith(".png"))]
+    note = None
+    if foreign and not overwrite:
+        raise ValueError(f"{out} holds files the demo does not write ({', '.join(foreign[:5])}); use another --out "
+                         "(or --overwrite to write the demo's files beside them)")
+    previous = out / "results.json"
+    if previous.is_file():
+        try:
+            old = json.loads(previous.read_text(encoding="utf-8")).get("config", {})
+        except (ValueError, AttributeError):
+            old = None
+        new = asdict(cfg)
+        changed = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new
+                   if k not in NOT_RESULT_SETTINGS and isinstance(old, dict) and old.get(k) != new[k]]
+        if old is None or changed:
+            if not overwrite:
+                what = ", ".join(changed[:6]) if changed else "its results.json is unreadable"
+                raise ValueError(f"{out} holds a demo run made with other settings ({what}); pass --overwrite "
+                                 "to replace it, or use another --out")
+            note = f"replacing the demo run in {out} (--overwrite)"
+        else:
+            note = f"redoing the demo run in {out} (same settings)"
+    for name in entries:
+        if name in REPORT_ENTRIES or (name.startswith("report_") and name.endswith(".png")):
+            (out / name).unlink()
+    return note
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+    """Run the whole demo; returns the summary written to ``out_dir/results.json``. An existing run in
+    ``out_dir`` is redone only when made with the same settings, or with ``overwrite`` (:func:`prepare_out_dir`)."""
     from promptkd.artifacts import save_adapter
     from promptkd.demo.backbones import DemoStudent, DemoStudentConfig, ImageTowerConfig
     from promptkd.demo.cache import default_cache_dir
@@ -238,6 +291,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
 
     keep_freed_memory()
     torch.set_num_threads(choose_threads(cfg.threads))
+    note = prepare_out_dir(cfg, overwrite)
+    if note:
+        log(note)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = None if cfg.cache_dir == "" else Path(cfg.cache_dir or default_cache_dir()) / "demo"
