@@ -114,15 +114,19 @@ def test_resume_refuses_another_model_or_top_k(colour_setup, tmp_path, capsys):
     out = tmp_path / "preds.jsonl"
     good = sorted(truth)
     assert main(["predict", *good[:2], "--student", str(student), "--out", str(out), "--top-k", "2"]) == 0
+    capsys.readouterr()
     assert main(["predict", *good, "--student", str(student), "--out", str(out), "--top-k", "3"]) == 2
-    assert "another top-k" in capsys.readouterr().err
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("note:")]
+    assert len(err) == 1 and f"{out}: was written with --top-k 2, not 3" in err[0], err
     other = tmp_path / "other"
     from deploy_models import ColourStudent, colour_store
     from promptkd.artifacts import save_adapter
 
     save_adapter(ColourStudent(scale=2.0).eval(), other, "student", store=colour_store())
     assert main(["predict", *good, "--student", str(other), "--out", str(out), "--top-k", "2"]) == 2
-    assert "another model" in capsys.readouterr().err
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("note:")]
+    assert len(err) == 1 and f"holds predictions of another model, {student} (torch, " in err[0], err
+    assert f"not {other} (torch, " in err[0] and "{" not in err[0]  # the files, not a JSON dump
     lines = out.read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(line)["predictions"] for line in lines)
     # the same model exported to ONNX predicts the same classes

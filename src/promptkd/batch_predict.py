@@ -167,10 +167,16 @@ def _check_meta(out: Path, meta: dict) -> None:
     side = _meta_path(out)
     if out.exists() and out.stat().st_size and side.exists():
         old = read_json(side, "predictions side file")
-        for key in ("model", "top_k"):
-            if old.get(key) != meta[key]:
-                raise ValueError(f"{out}: was written with another {key.replace('_', '-')} "
-                                 f"({json.dumps(old.get(key))[:200]}); use another --out or delete it")
+        if old.get("top_k") != meta["top_k"]:
+            raise ValueError(f"{out}: was written with --top-k {old.get('top_k')}, not {meta['top_k']}; use the "
+                             "same --top-k, another --out, or delete it")
+        if old.get("model") != meta["model"]:
+            def said(m: dict) -> str:
+                return f"{m.get('source') or 'a model not recorded'} ({m.get('backend')}, {m.get('precision')})"
+
+            raise ValueError(f"{out}: holds predictions of another model, {said(old)}, not {said(meta)}; rows of "
+                             "two models are never mixed in one file: use another --out, or delete it (and "
+                             f"{side.name}) to start again")
     atomic_write_json(side, meta)
 
 
@@ -180,7 +186,7 @@ def predict_to_file(predictor: Predictor, paths: Sequence[str], out: str | os.Pa
     out = Path(out)
     fmt = output_format(out)
     k = min(top_k, len(predictor.class_names))
-    meta = {"model": predictor.info.key(), "top_k": k,
+    meta = {"model": predictor.info.key(), "top_k": k, "source": predictor.info.source,
             "precision": predictor.info.precision, "backend": predictor.info.backend}
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_meta(out, meta)
