@@ -83,6 +83,26 @@ def test_training_with_on_bad_image_error_stops_with_one_line(world, tmp_path, c
     _one_error_line(err, "train-teacher", victim)
 
 
+@pytest.mark.filterwarnings("ignore:.*fewer than .* images:UserWarning")
+def test_skipped_images_of_every_epoch_are_listed_the_last_one_included(world, tmp_path):
+    import shutil
+    import warnings
+
+    root, weights = world
+    shutil.copytree(root / "data" / "caltech-101", tmp_path / "data" / "caltech-101")
+    victim = load_benchmark(tmp_path / "data", "Caltech101").train[0].path  # a shot: read in every epoch
+    _corrupt(victim)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main(["train-teacher", "--data-root", str(tmp_path / "data"), "--dataset", "Caltech101",
+                   "--clip-weights", str(weights), "--out", str(tmp_path / "teacher"), "--seed", "1", *FAST_TEACHER,
+                   "--set", "train.num_workers=0"])
+    assert rc == 0
+    summaries = sorted(str(w.message).split(":")[0] for w in caught if "were replaced by the next" in str(w.message))
+    assert summaries == ["epoch 1", "epoch 2"]  # 1-based as the loop prints them; epoch 2 is the last
+    assert all(victim in str(w.message) for w in caught if "were replaced by the next" in str(w.message))
+
+
 def test_class_names_from_a_file_are_cleaned_like_the_dataset_route(world, tmp_path):
     root, _ = world
     make_image_folder(tmp_path / "mine", classes=3, per_class=1)  # class_a, class_b, class_c

@@ -130,7 +130,7 @@ def test_corrupt_and_missing_images_are_named(tmp_path):
     assert idx == [0, 2, 2, 3, 5, 5]  # each bad sample replaced by the next readable one
     assert labels == [bench.train[i].label for i in idx]
     assert set(lenient.bad_images()) == {bad, missing}  # seen by the worker processes
-    with pytest.warns(UserWarning, match=r"epoch 0: 2 unreadable image\(s\)") as record:
+    with pytest.warns(UserWarning, match=r"epoch 1: 2 unreadable image\(s\)") as record:
         loader.set_epoch(1)
     assert bad in str(record[0].message) and missing in str(record[0].message)
     assert set(lenient.bad_seen) == {bad, missing} and lenient.bad_images() == {}

@@ -103,7 +103,8 @@ class _ImageDataset(Dataset):
         return len(self._paths)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch``: report the bad images met since the last call, then reseed augmentations."""
+        """Start ``epoch`` (0-based): report the bad images met since the last call (as the 1-based epoch
+        the training loop prints), then reseed augmentations."""
         self.report_bad_images()
         self.epoch = int(epoch)
 
@@ -123,7 +124,7 @@ class _ImageDataset(Dataset):
         if bad:
             listed = "\n  ".join(f"{reason}" for reason in list(bad.values())[:20])
             more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-            warnings.warn(f"epoch {self.epoch}: {len(bad)} unreadable image(s) were replaced by the next "
+            warnings.warn(f"epoch {self.epoch + 1}: {len(bad)} unreadable image(s) were replaced by the next "
                           f"readable sample:\n  {listed}{more}", stacklevel=2)
             self.bad_seen.update(bad)
             os.remove(self._bad_log)

@@ -553,6 +553,9 @@ def _fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: Pa
         sums, n_steps = {}, 0
         checkpoint()
 
+    report_bad_images = getattr(train_dataset, "report_bad_images", None)
+    if callable(report_bad_images):  # the last epoch's (the earlier ones were reported by set_epoch)
+        report_bad_images()
     completed = epoch >= cfg.epochs
     if completed and hasattr(module, "on_train_end"):
         module.on_train_end()
