@@ -87,10 +87,15 @@ def test_trunk_cache_is_transparent_and_persists(tmp_path):
     assert torch.equal(cache(x[:4], trunk), trunk(x[:4]))
     out = cache(x, trunk)  # 4 hits, 2 computed in one call
     assert torch.equal(out, trunk(x)) and (cache.hits, cache.misses) == (4, 6)
+    assert cache.file_hits == 0  # the 4 hits were computed earlier in this process, not read from a file
     assert calls == [4, 4, 2, 6]
     cache.save()
     again = TrunkCache("trunk-a", tmp_path / "c.safetensors")
     assert again.loaded == 6 and torch.equal(again(x, lambda _: pytest.fail("recomputed")), trunk(x))
+    y = torch.rand(2, 1, 4, 4)
+    again(torch.cat([x[:1], y]), trunk)  # 1 from the file, 2 new
+    again(y[:1], trunk)  # one of the new ones again: a hit, not from the file
+    assert (again.file_hits, again.misses, again.hits) == (7, 2, 8)
     other = TrunkCache("trunk-b", tmp_path / "c.safetensors")  # another trunk's identity: nothing trusted
     assert other.loaded == 0
 

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     t = summary["time_s"]
     print("\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items())
           + f"; total {summary['total_time_s']:.0f}s on {summary['threads']} thread(s)")
-    cached = [f"{role} {c['hits']} images" for role, c in summary["caches"].items() if c.get("loaded_from_file")]
+    cached = [f"{role} {c['from_file']} images" for role, c in summary["caches"].items() if c.get("from_file")]
     if cached:
         print(f"(a cache of frozen-trunk outputs was used: {', '.join(cached)}; --no-cache recomputes them)")
     out = Path(cfg.out_dir)

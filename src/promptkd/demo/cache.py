@@ -44,9 +44,11 @@ class TrunkCache:
         self.identity = identity
         self.path = Path(path) if path is not None else None
         self.rows: dict[bytes, Tensor] = {}
-        self.hits = 0
+        self.hits = 0  # lookups answered without computing (from the file, or computed earlier in this run)
+        self.file_hits = 0  # of those, answered by an entry read from the file
         self.misses = 0
         self.loaded = 0
+        self._fresh: set[bytes] = set()  # digests computed in this process
         self._dirty = False
         if self.path is not None and self.path.is_file():
             self._load()
@@ -73,12 +75,14 @@ class TrunkCache:
         digests = sample_digests(images)
         missing = [i for i, d in enumerate(digests) if d not in self.rows]
         self.hits += len(digests) - len(missing)
+        self.file_hits += sum(1 for d in digests if d in self.rows and d not in self._fresh)
         self.misses += len(missing)
         if missing:
             with torch.no_grad():
                 fresh = compute(images[missing]).detach().to("cpu", torch.float32)
             for i, value in zip(missing, fresh):
                 self.rows[digests[i]] = value.clone()
+                self._fresh.add(digests[i])
             self._dirty = True
         return torch.stack([self.rows[d] for d in digests]).to(images.device)
 

@@ -140,7 +140,7 @@ def warm_trunk(tower, datasets: list[FashionImages], desc: str, progress: bool, 
     from promptkd.progress import progress_bar
 
     cache = tower.cache
-    before = (cache.hits, cache.misses) if cache is not None else (0, 0)
+    before = (cache.hits, cache.misses, cache.file_hits) if cache is not None else (0, 0, 0)
     loaded = cache.loaded if cache is not None else 0
     total = sum(len(d) for d in datasets)
     batch = batch or trunk_batch_size(tower.cfg.resolution)
@@ -153,8 +153,9 @@ def warm_trunk(tower, datasets: list[FashionImages], desc: str, progress: bool, 
     if cache is None:
         return {"cached": False, "images": total}
     cache.save()
-    return {"cached": True, "hits": cache.hits - before[0], "computed": cache.misses - before[1],
-            "loaded_from_file": loaded, "file": str(cache.path) if cache.path else None}
+    return {"cached": True, "images": total, "hits": cache.hits - before[0], "computed": cache.misses - before[1],
+            "from_file": cache.file_hits - before[2], "loaded_from_file": loaded,
+            "file": str(cache.path) if cache.path else None}
 
 
 # the name of each row in its results.json: `promptkd report` keeps the two zero-shot rows apart by it
@@ -314,8 +315,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, overwrite: boo
     }
     for role, c in caches.items():
         if c.get("cached"):
-            log(f"{role} trunk: {c['computed']} images computed, {c['hits']} reused; the cache file held "
-                f"{c['loaded_from_file']} entries ({c['file']})")
+            repeats = c["hits"] - c["from_file"]  # the teacher's shots are among the unlabelled images
+            log(f"{role} trunk: {c['images']} images, {c['computed']} computed, {c['from_file']} read from the cache "
+                f"file ({c['loaded_from_file']} entries, {c['file']})"
+                + (f", {repeats} seen twice in this run" if repeats else ""))
 
     rows = {}
     # zero-shot rows: the frozen towers, the single template "a photo of a {}."

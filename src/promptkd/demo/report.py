@@ -33,8 +33,8 @@ def table_markdown(summary: dict) -> str:
             lines.append(f"| {ROW_LABELS[key]} | {m['base']:.2f} | {m['novel']:.2f} | {m['hm']:.2f} |")
     lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["time_s"].items())
               + f"; total {summary['total_time_s']:.0f} on {summary['threads']} thread(s)."]
-    cached = [f"{role} trunk {v['computed']} images computed, {v['hits']} reused ({v.get('loaded_from_file', 0)} "
-              "read from the cache file)" for role, v in summary["caches"].items() if v.get("cached")]
+    cached = [f"{role} trunk {v['computed']} images computed, {v.get('from_file', v['hits'])} read from the cache "
+              "file" for role, v in summary["caches"].items() if v.get("cached")]
     if cached:
         lines.append("Frozen-trunk cache: " + "; ".join(cached) + ".")
     return "\n".join(lines) + "\n"
