@@ -151,5 +151,11 @@ def test_prompt_modules_check_their_inputs():
     with pytest.raises(ValueError, match="unknown prompt settings"):
         PromptConfig.from_dict({"n_ctx": 4})
     clip = random_clip(tiny_clip_config(layers=2), seed=0)
-    with pytest.raises(ValueError, match="depth 9 exceeds the 2 layers"):
+    with pytest.raises(ValueError, match="depth 9 exceeds the 2 layers .*; set teacher.text_depth to at most 2"):
         ClipTeacher(clip, PromptConfig())
+    with pytest.raises(ValueError, match="vision prompt depth 9 .*; set teacher.vision_depth to at most 2"):
+        ClipTeacher(clip, PromptConfig(text_depth=2))
+    from promptkd.models.clip_backbones import STUDENT_PROMPTS, ClipStudent
+
+    with pytest.raises(ValueError, match="vision prompt depth 9 .*; set student.depth to at most 2"):
+        ClipStudent(clip, 32, STUDENT_PROMPTS)

@@ -92,12 +92,12 @@ class ClipTeacher(_ClipBackbone, Teacher):
         self.text_prompts: TextPrompts | None = None
         self.vision_prompts: VisionPrompts | None = None
         if p.text_enabled:
-            check_depth(p.text_depth, cfg.text.layers, "text")
+            check_depth(p.text_depth, cfg.text.layers, "text", "teacher.text_depth")
             self.text_prompts = TextPrompts(p.n_ctx_text, p.text_depth, cfg.text.width, generator=gen)
             if p.ctx_init:
                 self.text_prompts.init_from(self._word_embeddings(p.ctx_init))
         if p.vision_enabled:
-            check_depth(p.vision_depth, cfg.vision.layers, "vision")
+            check_depth(p.vision_depth, cfg.vision.layers, "vision", "teacher.vision_depth")
             self.vision_prompts = VisionPrompts(p.n_ctx_vision, p.vision_depth, cfg.vision.width, generator=gen)
         dev = clip.logit_scale.device
         self.to(dev)
@@ -192,7 +192,7 @@ class ClipStudent(_ClipBackbone, Student):
         gen = torch.Generator().manual_seed(prompt_seed) if prompt_seed is not None else None
         self.vision_prompts: VisionPrompts | None = None
         if self.prompt_cfg.vision_enabled:
-            check_depth(self.prompt_cfg.vision_depth, cfg.vision.layers, "vision")
+            check_depth(self.prompt_cfg.vision_depth, cfg.vision.layers, "vision", "student.depth")
             self.vision_prompts = VisionPrompts(self.prompt_cfg.n_ctx_vision, self.prompt_cfg.vision_depth,
                                                 cfg.vision.width, generator=gen)
         self.projector = build_projector(projector, cfg.embed_dim, teacher_dim)

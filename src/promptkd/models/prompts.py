@@ -61,9 +61,11 @@ class PromptConfig:
         return cls(**data)
 
 
-def check_depth(depth: int, layers: int, tower: str) -> None:
+def check_depth(depth: int, layers: int, tower: str, setting: str | None = None) -> None:
+    """Refuse more prompted layers than the tower has; ``setting`` is the config key that sets the depth."""
     if depth > layers:
-        raise ValueError(f"{tower} prompt depth {depth} exceeds the {layers} layers of the {tower} transformer")
+        fix = f"; set {setting} to at most {layers}" if setting else ""
+        raise ValueError(f"{tower} prompt depth {depth} exceeds the {layers} layers of the {tower} transformer{fix}")
 
 
 class _DeepPrompts(nn.Module):
