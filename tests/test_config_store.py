@@ -50,3 +50,16 @@ def test_flatten_and_differences_name_each_changed_key():
     assert config.flatten(old) == {"train.lr": 0.005, "train.num_workers": 2, "data.shots": 16}
     assert config.differences(old, new, ignore=["train.num_workers"]) == [
         "data.extra: None -> 1", "train.lr: 0.005 -> 0.01"]
+
+
+def test_a_misspelt_preset_gets_the_closest_name_and_an_unknown_one_the_groups():
+    from promptkd import config as cfgmod
+
+    with pytest.raises(cfgmod.ConfigError, match=r"'teacher/custum'.*\(did you mean 'teacher/custom'\?\)"):
+        cfgmod.load_yaml("teacher/custum")
+    with pytest.raises(cfgmod.ConfigError, match=r"did you mean 'distill/base2novel/dtd'\?"):
+        cfgmod.load_yaml("distill/base2novel/dtdd")
+    with pytest.raises(cfgmod.ConfigError) as err:
+        cfgmod.load_yaml("nothing")
+    assert "distill/base2novel/..." in str(err.value) and "teacher/imagenet_all" in str(err.value)
+    assert "distill/base2novel/caltech101" not in str(err.value)  # groups, not all 29 presets

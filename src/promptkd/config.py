@@ -57,9 +57,14 @@ def load_yaml(source: str | Path) -> dict:
     else:
         packaged = resources.files("promptkd") / "presets" / f"{source}.yaml"
         if not packaged.is_file():
-            raise ConfigError(
-                f"config {source!r}: no such file, and not a packaged preset (known: {', '.join(preset_names())})"
-            )
+            names = preset_names()
+            close = difflib.get_close_matches(str(source), names, n=1, cutoff=0.6)
+            if close:
+                raise ConfigError(f"config {source!r}: no such file, and not a packaged preset (did you mean "
+                                  f"{close[0]!r}?)")
+            groups = sorted({n.rsplit("/", 1)[0] + "/..." if n.count("/") > 1 else n for n in names})
+            raise ConfigError(f"config {source!r}: no such file, and not a packaged preset (known: "
+                              f"{', '.join(groups)}; '...' is a dataset, e.g. distill/base2novel/dtd)")
         text = packaged.read_text()
         origin = f"preset {source}"
     try:
