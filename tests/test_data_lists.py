@@ -45,7 +45,21 @@ def test_csv_bad_rows_are_all_listed_with_their_line_numbers(images):
     (images / "list.csv").write_text(text)
     with pytest.raises(DataError) as err:
         load_list(images / "list.csv")
-    assert [p.split(": ")[1].split(" needs")[0] for p in err.value.problems] == ["line 3", "line 4", "line 5", "line 6"]
+    assert [p.split(": ", 1)[1] for p in err.value.problems] == [
+        "line 3: no image path", "line 4: no label or classname",
+        "line 5: split 'holdout' is not train, val or test", "line 6: label -3 is negative"]
+
+
+def test_a_bad_row_and_a_missing_file_are_listed_in_one_run(images, capsys):
+    """The rows that parse are checked too, so fixing the list takes one round, not one per problem."""
+    text = ("path,label,split\nclass_a/img0.jpg,cat,train\nclass_b/img0.jpg,dog,tset\n"
+            "class_b/gone.jpg,dog,train\nclass_a/img1.jpg,cat,test\nclass_b/img1.jpg,dog,test\n")
+    (images / "list.csv").write_text(text)
+    assert main(["data", "check", str(images), "--dataset", "list:list.csv"]) != 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "line 3: split 'tset' is not train, val or test" in text
+    assert str(images / "class_b" / "gone.jpg") in text
 
 
 @pytest.mark.parametrize("content,field", [

@@ -596,6 +596,28 @@ def _label_or_classname(label, cname) -> tuple[int | None, str | None]:
         return None, None  # both a non-numeric label and a class name: reported as a bad entry
 
 
+def _row_problems(row: dict) -> list[str]:
+    """What is wrong with one entry of a list file (empty when it is usable)."""
+    reasons = []
+    path = row.get("path")
+    if not isinstance(path, str) or not path.strip():
+        reasons.append("no image path")
+    split = str(row.get("split") or "train").strip()
+    if split not in ("train", "val", "test"):
+        reasons.append(f"split {split!r} is not train, val or test")
+    raw_label, raw_name = row.get("label"), row.get("classname") or row.get("class")
+    label, cname = _label_or_classname(raw_label, raw_name)
+    if label is not None and label < 0:
+        reasons.append(f"label {label} is negative")
+    elif label is None and not cname:
+        if raw_label not in (None, "") and raw_name not in (None, ""):
+            reasons.append(f"label {str(raw_label).strip()!r} is not a number and differs from classname "
+                           f"{str(raw_name).strip()!r}")
+        else:
+            reasons.append("no label or classname")
+    return reasons
+
+
 def load_list(list_file: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
               name: str | None = None, check_files: bool = True) -> Benchmark:
     """A CSV (header: path, label and/or classname, optional split) or JSON list of images.
@@ -611,16 +633,14 @@ def load_list(list_file: str | os.PathLike, *, image_root: str | os.PathLike | N
     rows = _rows_from_list(list_file, problems)
     parsed: dict[str, list[tuple[str, int | None, str | None]]] = {"train": [], "val": [], "test": []}
     for where, row in rows:
-        split = str(row.get("split") or "train").strip()
-        label, cname = _label_or_classname(row.get("label"), row.get("classname") or row.get("class"))
-        if split not in parsed or not isinstance(row.get("path"), str) or not row["path"].strip() \
-                or (label is None and not cname) or (label is not None and label < 0):
-            problems.append(f"{list_file}: {where} needs a path, a label >= 0 or a classname, and a split in "
-                            f"train/val/test: {row}")
+        reasons = _row_problems(row)
+        if reasons:
+            problems.append(f"{list_file}: {where}: {'; '.join(reasons)}")
             continue
-        parsed[split].append((str(base / str(row["path"])), label, cname))
-    if not any(parsed.values()) and not problems:
-        problems.append(f"{list_file}: no entries")
+        label, cname = _label_or_classname(row.get("label"), row.get("classname") or row.get("class"))
+        parsed[str(row.get("split") or "train").strip()].append((str(base / str(row["path"])), label, cname))
+    if not any(parsed.values()):
+        raise DataError(str(list_file), problems or [f"{list_file}: no entries"])
     with_label = {lab is not None for rs in parsed.values() for _, lab, _ in rs}
     if len(with_label) > 1:
         problems.append(f"{list_file}: some entries give a number label and others only a class name; "
@@ -629,8 +649,7 @@ def load_list(list_file: str | os.PathLike, *, image_root: str | os.PathLike | N
     auto = {c: i for i, c in enumerate(names_known)}
     full = {s: [(p, lab if lab is not None else auto[c], c if c else str(lab)) for p, lab, c in rs]
             for s, rs in parsed.items()}
-    if problems:
-        raise DataError(str(list_file), problems)
+    # the rows that parsed are checked too (missing files...), so that one run lists every problem
     classnames, splits = _assemble(name or list_file.stem, full, str(list_file), problems, check_files)
     if problems:
         raise DataError(str(list_file), problems)
