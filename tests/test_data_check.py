@@ -48,10 +48,15 @@ def test_check_reports_every_problem_in_one_run(tmp_path, capsys):
     assert report["UCF101"]["mismatches"] == ["classes", "train", "test", "test_base", "test_novel"]
 
 
-def test_without_verify_only_existence_is_checked(tmp_path):
+def test_without_verify_only_existence_is_checked(tmp_path, capsys):
     _broken_root(tmp_path)
     reports = {r.name: r for r in check_root(tmp_path)}
     assert reports["EuroSAT"].ok() and not reports["DTD"].ok()
+    main(["data", "check", str(tmp_path), "--dataset", "EuroSAT"])  # its undecodable image: "ok", and why
+    out = capsys.readouterr().out
+    assert "ok" in out.splitlines()[1] and "listed, not opened: --verify-images decodes every one" in out
+    main(["data", "check", str(tmp_path), "--dataset", "EuroSAT", "--verify-images"])
+    assert "not opened" not in capsys.readouterr().out
 
 
 def test_check_exit_codes(tmp_path, capsys):

@@ -74,7 +74,7 @@ def run_check(args: argparse.Namespace) -> int:
     reports = check_root(args.root, args.dataset, verify_images=args.verify_images, progress=sys.stderr.isatty(),
                          workers=args.workers, max_image_pixels=args.max_image_pixels)
     limit = args.max_problems if args.max_problems > 0 else 10**9
-    print(format_reports(reports, max_problems=limit, strict=args.strict))
+    print(format_reports(reports, max_problems=limit, strict=args.strict, verified=args.verify_images))
     if args.json:
         atomic_write_json(args.json, reports_as_json(reports, strict=args.strict))
     failed = [r.name for r in reports if not r.ok(strict=args.strict)]

@@ -177,9 +177,10 @@ def _cell(value: int | None, paper: int | None) -> str:
     return f"{value:,}" if value == paper else f"{value:,} (paper {paper:,}) *"
 
 
-def format_reports(reports: list[DatasetReport], *, max_problems: int = 50, strict: bool = False) -> str:
+def format_reports(reports: list[DatasetReport], *, max_problems: int = 50, strict: bool = False,
+                   verified: bool = True) -> str:
     """A readable table (counts, * where they differ from the paper; the verdict ``--strict`` gives), then
-    every problem per dataset."""
+    every problem per dataset; ``verified=False`` (images listed, not decoded) says so under the table."""
     columns = ["classes", "train", "test", "test_base", "test_novel"]
     rows = [["dataset", *columns, "status"]]
     for r in reports:
@@ -189,6 +190,9 @@ def format_reports(reports: list[DatasetReport], *, max_problems: int = 50, stri
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     if any(r.mismatches for r in reports):
         lines.append("* differs from the paper's count")
+    if not verified and any(r.present for r in reports):
+        lines.append("(image files were listed, not opened: --verify-images decodes every one and lists those "
+                     "that cannot be read)")
     for r in reports:
         if r.problems or r.notes:
             lines.append("")
