@@ -63,3 +63,20 @@ def test_a_misspelt_preset_gets_the_closest_name_and_an_unknown_one_the_groups()
         cfgmod.load_yaml("nothing")
     assert "distill/base2novel/..." in str(err.value) and "teacher/imagenet_all" in str(err.value)
     assert "distill/base2novel/caltech101" not in str(err.value)  # groups, not all 29 presets
+
+
+def test_settings_that_defeat_their_purpose_say_which_key_to_change():
+    import warnings
+
+    from promptkd.engine.loop import LoopConfig
+    from promptkd.stages import teacher_settings
+
+    with pytest.raises(ValueError, match=r"train.warmup_epochs=1 must be less than train.epochs=1 .*warmup_epochs=0"):
+        LoopConfig(epochs=1, warmup_epochs=1)
+    with pytest.warns(UserWarning, match=r"method.gpa_mean=15 is outside the 2 epoch\(s\).*method.gpa_mean=2\)"):
+        teacher_settings("teacher/base2novel", ["train.epochs=2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        teacher_settings("teacher/base2novel")  # the paper's 20 epochs, mean 15
+        teacher_settings("teacher/base2novel", ["train.epochs=2", "method.gpa_mean=2"])
+        teacher_settings("teacher/base2novel", ["train.epochs=2", "method.method=ivlp"])  # no GPA in IVLP

@@ -146,6 +146,8 @@ def test_unlabelled_streams_transductive_inductive_folder_and_holdout(tmp_path):
     folder = make_unlabelled_folder(tmp_path / "mine", count=5)
     data, _, info = stream("data.unlabelled=folder", f"data.folder={tmp_path / 'mine'}")
     assert info["images"] == 5 and sorted(data.paths) == sorted(folder)
+    with pytest.raises(FileNotFoundError, match=r"data.folder=unlabeled: no such folder \(/.*/unlabeled\)"):
+        stream("data.unlabelled=folder", "data.folder=unlabeled")  # the key, what was given, where it looked
 
     other = ClassVectorStore(store.vectors, [*fx.classnames[:3], "zebra"], 100.0)
     with pytest.raises(ValueError, match="class vectors do not match the DTD dataset's classes"):

@@ -149,3 +149,13 @@ def test_feature_extraction_progress_is_plain_in_a_log(capsys, monkeypatch):
     feats, labels = extract_features(lambda x: x * 2, DataLoader(Pairs(), batch_size=16), desc="test features")
     assert feats.shape == (64, 4) and labels.tolist() == [i % 3 for i in range(64)]
     assert re.fullmatch(r"test features: done, 4/4 batch in \d+s\n", capsys.readouterr().err)
+
+
+def test_a_bad_progress_setting_is_refused_before_any_work(monkeypatch, capsys):
+    from promptkd.cli import main
+    from promptkd.demo import pipeline
+
+    monkeypatch.setenv(MODE_ENV, "bogus")
+    monkeypatch.setattr(pipeline, "run_demo", lambda *a, **k: pytest.fail("the demo started"))
+    assert main(["demo", "--quick", "--out", "unused"]) == 2
+    assert capsys.readouterr().err.strip() == "promptkd demo: error: PROMPTKD_PROGRESS='bogus': expected one of bar, plain, off"

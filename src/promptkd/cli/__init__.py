@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "debug", False):
         warnings.formatwarning = _warning_line(args.command, formatwarning)
     try:
+        from promptkd.progress import progress_mode
+
+        progress_mode()  # a bad $PROMPTKD_PROGRESS is refused before any work
         result = args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -84,8 +84,9 @@ class LoopConfig:
     def __post_init__(self) -> None:
         validate_instance(self, "training loop config (train.*)")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
-            raise ValueError(f"invalid training loop config (train.*): warmup_epochs must be in 0..epochs-1 "
-                             f"(got {self.warmup_epochs} for {self.epochs} epochs)")
+            raise ValueError(f"invalid training loop config: train.warmup_epochs={self.warmup_epochs} must be less "
+                             f"than train.epochs={self.epochs} (set train.warmup_epochs=0 to train "
+                             f"{self.epochs} epoch(s) without a warm-up)")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

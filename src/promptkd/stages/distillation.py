@@ -232,7 +232,11 @@ def plan_data(settings: dict, data_root: str | Path | None, store) -> DataPlan:
         bench = load_benchmark(data_root, data["dataset"])
         store.check_classes(bench.classnames, source=f"{bench.name} dataset")
     if data["unlabelled"] == "folder":
-        paths = unlabelled_from(data["folder"])
+        folder = Path(data["folder"]).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data.folder={data['folder']}: no such folder ({folder.resolve()}); it should "
+                                    "hold the unlabelled images (sub-folders are searched too)")
+        paths = unlabelled_from(folder)
         source = f"folder {data['folder']}"
         if not paths:
             raise ValueError(f"{data['folder']}: no images found for distillation")

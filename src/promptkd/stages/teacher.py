@@ -13,6 +13,7 @@ CLIP model loaded. The shots follow the authors' code (Dassl + CoOp): K per clas
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,11 @@ def teacher_settings(preset: str | Path | None = "teacher/base2novel",
 
     settings = cfgmod.build(TeacherSettings, preset, overrides, exclude=EXCLUDE, where="teacher config")
     settings["teacher"] = prompt_settings_for_method(settings["method"]["method"], settings["teacher"])
+    method, epochs = settings["method"], settings["train"]["epochs"]
+    if method["method"] == "promptsrc" and not 1 - 2 * method["gpa_std"] <= method["gpa_mean"] <= epochs + 2 * method["gpa_std"]:
+        warnings.warn(f"method.gpa_mean={method['gpa_mean']:g} is outside the {epochs} epoch(s) of train.epochs: the "
+                      "prompt aggregation (GPA) keeps essentially one end epoch's prompts; the presets put it at "
+                      f"about 3/4 of the epochs (--set method.gpa_mean={max(1, round(0.75 * epochs))})", stacklevel=2)
     return settings
 
 
