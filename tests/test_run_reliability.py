@@ -104,6 +104,10 @@ def test_earlier_runs_are_never_replaced_silently(world, capsys, tmp_path):
     capsys.readouterr()
     assert _cli(_teacher_args(world, out)) == 2  # finished: refused
     assert "holds a finished run (adapter.json); pass --overwrite" in _err_line(capsys)
+    trained = (out / "adapter.safetensors").read_bytes()
+    assert _cli([*_teacher_args(world, out), "--resume"]) == 0  # finished: says so, trains nothing again
+    assert "this run had already finished: nothing is trained again" in capsys.readouterr().err
+    assert (out / "adapter.safetensors").read_bytes() == trained
     import shutil
 
     shutil.rmtree(out / "checkpoints")  # a finished run without checkpoints is still a run

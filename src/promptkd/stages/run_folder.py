@@ -115,6 +115,9 @@ class RunFolder:
 
     def _check_previous_run(self) -> None:
         found = self.existing_run()
+        if found is not None and self.resume and found.startswith("a finished run"):
+            self.notes.append("this run had already finished: nothing is trained again; its artefact and results "
+                              "are written again from the last checkpoint")
         if found is None or self.resume:
             return
         if not self.overwrite:
