@@ -81,6 +81,7 @@ def test_int8_export_stays_close_to_fp32_pytorch(clip_student, tmp_path, capsys,
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert ("static int8 calibrated on 12 images" if calibrate else "dynamic int8") in printed
+    assert "-> fp32" not in printed  # no float precision note for an int8 file
     model = onnx.load(str(out))
     onnx.checker.check_model(model)
     props = {p.key: p.value for p in model.metadata_props}

@@ -327,7 +327,7 @@ def export_student(student: str | os.PathLike, out: str | os.PathLike, *, fmt: s
         raise ValueError("--precision bf16 is not offered for ONNX (onnxruntime's CPU kernels are fp32/int8): "
                          "use --quantize int8 for a smaller, faster file")
     notes = []
-    if precision == "auto":
+    if precision == "auto" and not quantize:  # int8 has no float precision to choose
         notes.append("precision auto -> fp32: an exported file runs on machines this one cannot check; "
                      "`promptkd predict/serve --precision auto` pick bf16 where it pays")
     loaded = load_student(student, **builder_options)
