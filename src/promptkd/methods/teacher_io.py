@@ -11,6 +11,7 @@ A teacher is CLIP weights + a prompt file. Everything that makes or reads one go
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -67,7 +68,8 @@ def build_teacher(weights: str | Path, prompt_cfg: dict | None = None, *, trust_
 
     prompts = PromptConfig.from_dict({**PROMPT_DEFAULTS, **(prompt_cfg or {})})
     # the absolute path is recorded in the identity, so the artefact loads from any working directory
-    return load_clip_teacher(str(Path(weights).expanduser().resolve()), prompts, trust_checkpoint=trust_checkpoint,
+    # (absolute without following links: a hub-cache file's config is beside the link, not its blob)
+    return load_clip_teacher(os.path.abspath(Path(weights).expanduser()), prompts, trust_checkpoint=trust_checkpoint,
                              device=device, prompt_seed=prompt_seed, **load_options)
 
 

@@ -17,7 +17,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a pre-zip torch.save file
 
 
@@ -229,6 +230,13 @@ def read_hf_dir(path: Path) -> tuple[dict[str, Tensor], dict]:
             state.update(read_safetensors(path / shard)[0])
     elif (path / "pytorch_model.bin").is_file():
         state = unwrap(read_torch(path / "pytorch_model.bin", False, allow_trust=False), path / "pytorch_model.bin")
+    elif (bin_index := path / "pytorch_model.bin.index.json").is_file():  # older transformers' sharded files
+        shards = sorted(set((read_json(bin_index, "weights index").get("weight_map") or {}).values()))
+        if not shards:
+            raise ValueError(f"{bin_index}: no weight_map")
+        state = {}
+        for shard in shards:
+            state.update(unwrap(read_torch(path / shard, False, allow_trust=False), path / shard))
     else:
         raise FileNotFoundError(f"{path}: no weights found (looked for {', '.join(HF_WEIGHT_FILES)})")
     return state, hf_cfg

@@ -32,6 +32,8 @@ executing them (``promptkd.models.checkpoint_io`` reads the bytes; this module t
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -144,7 +146,14 @@ def _tensor_shapes(state: dict[str, Tensor], source: str) -> CLIPConfig:
 
 def _hf_arch(hf_cfg: dict, shapes: CLIPConfig, source: str) -> ArchInfo:
     """What a transformers ``config.json`` says (missing keys take transformers' CLIP defaults)."""
-    subs = {"vision": hf_cfg.get("vision_config") or {}, "text": hf_cfg.get("text_config") or {}}
+    kind = hf_cfg.get("model_type")
+    if kind == "clip_vision_model":  # CLIPVisionModel(WithProjection): the tower's settings at the top level
+        subs = {"vision": hf_cfg, "text": {}}
+    elif kind == "clip_text_model":
+        subs = {"vision": {}, "text": hf_cfg}
+    else:
+        subs = {"vision": hf_cfg.get("vision_config") or {}, "text": hf_cfg.get("text_config") or {}}
+    subs = {k: v for k, v in subs.items() if k == "vision" or shapes.text is not None or v}
     acts = {s.get("hidden_act", "quick_gelu") for s in subs.values()}
     if len(acts) > 1:
         raise ValueError(f"{source}: text and vision towers use different activations {sorted(acts)}")
@@ -287,7 +296,9 @@ def read_clip_checkpoint(path: str | Path, trust_checkpoint: bool = False, act: 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
-    path = path.resolve()
+    # absolute, but symbolic links are not followed: a file in a Hugging Face hub cache is a link into
+    # blobs/, and its config (config.json / open_clip_config.json) is beside the link, not the blob
+    path = Path(os.path.abspath(path))
     if path.is_dir() and (weights_file := _open_clip_folder_weights(path)) is not None:
         path = weights_file
     hf_cfg, meta, torchscript = None, {}, False
@@ -363,6 +374,11 @@ def load_clip(path: str | Path, trust_checkpoint: bool = False, device: str | to
     if image_only:
         cfg = cfg.image_only()
         state = {k: v for k, v in state.items() if k.startswith("visual.") or k == "logit_scale"}
+        if "logit_scale" not in state:  # image-only exports and HF vision towers have none; a student never uses it
+            state["logit_scale"] = torch.tensor(math.log(100.0))
+    elif "logit_scale" not in state and cfg.text is not None:
+        raise ValueError(f"{ckpt.source}: no 'logit_scale' tensor, so the logits' temperature is unknown; a CLIP "
+                         "checkpoint saved whole has one (an image tower alone can serve as a student only)")
     model = CLIP(cfg)
     check_state_dict(model, state, ckpt.source)
     model.load_state_dict(state, strict=True)
