@@ -83,6 +83,23 @@ def test_full_pipeline_two_seeds(world):
     png = (report_dir / "report_base2novel.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
+    # results say which teacher a student came from; evaluate files them under the artefact's own seed
+    # and protocol (report places each results.json by them), and refuses another
+    r2 = runs / "base2novel" / "Caltech101" / "seed2"
+    res = json.loads((r2 / "eval_student" / "results.json").read_text())
+    assert res["source"]["teacher"]["artefact"] == str(r2 / "teacher") and res["source"]["teacher"]["selection"] == "gpa"
+    teacher_res = json.loads((r2 / "eval_teacher" / "results.json").read_text())
+    assert teacher_res["source"]["teacher_selection"] == "gpa"
+    again = ["evaluate", "--model", "student", "--artefact", str(r2 / "student"), "--data-root", str(data),
+             "--dataset", "Caltech101", "--device", "cpu", "--workers", "0", "--out", str(world / "again")]
+    run([*again, "--protocol", "base2novel"])  # no --seed: the student's own
+    assert json.loads((world / "again" / "results.json").read_text())["seed"] == 2
+    assert main([*again, "--protocol", "base2novel", "--seed", "1"]) == 2
+    assert main([*again, "--protocol", "cross_dataset"]) == 2
+    assert main(["evaluate", "--model", "teacher", "--artefact", str(r2 / "teacher"), "--data-root", str(data),
+                 "--dataset", "Caltech101", "--protocol", "base2novel", "--seed", "1", "--device", "cpu",
+                 "--out", str(world / "again_teacher")]) == 2
+
     # the distilled student on its own: predict, ONNX, self-contained bundle
     student = runs / "base2novel" / "Caltech101" / "seed1" / "student"
     image = next((data / "caltech-101").rglob("*.jpg"))

@@ -209,3 +209,32 @@ def test_a_demo_folder_gives_every_row_once_and_no_problem(tmp_path, capsys):
     del summary["kind"]
     (root / "results.json").write_text(json.dumps(summary))
     assert not make_report(root, tmp_path / "old", plot=False).problems
+
+
+def test_cross_dataset_average_leaves_out_the_source_dataset(tmp_path):
+    root = tmp_path / "runs"
+    write(root, "cross_dataset", "ImageNet", 1, "teacher", {"accuracy": 50.0})  # the source
+    write(root, "cross_dataset", "Caltech101", 1, "teacher", {"accuracy": 25.0})
+    write(root, "cross_dataset", "DTD", 1, "teacher", {"accuracy": 45.0})
+    assert main(["report", str(root), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| ImageNet | 50.00 |" in md and "Model selection: teacher: last." in md
+    assert "| **Average** | 35.00 (2 targets) |" in md  # (25 + 45) / 2, not (50 + 25 + 45) / 3
+    assert "ImageNet: not a target of this protocol (the source dataset): shown, not counted in the Average." in md
+    row = [r for r in csv.DictReader((tmp_path / "out" / "report.csv").open()) if r["dataset"] == "Average"][0]
+    assert float(row["accuracy_mean"]) == 35.0 and row["n_datasets"] == "2"
+
+
+def test_students_of_differently_chosen_teachers_are_flagged(tmp_path):
+    root = tmp_path / "runs"
+    for seed, rule in ((1, "gpa"), (2, "gpa"), (3, "authors_best_on_test")):
+        d = root / "base2novel" / "DTD" / f"seed{seed}" / "eval_student"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({
+            "protocol": "base2novel", "dataset": "DTD", "seed": seed, "model": "student", "selection": "last_epoch",
+            "metrics": {"base": 70.0, "novel": 60.0, "hm": hm(70.0, 60.0)},
+            "source": {"teacher": {"artefact": f"t{seed}", "selection": rule}}}))
+    assert main(["report", str(root), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    md = " ".join((tmp_path / "out" / "report.md").read_text().split())
+    assert ("student rows of this base2novel table come from teachers chosen by different rules** "
+            "(authors_best_on_test: 1 run, gpa: 2 runs)") in md

@@ -438,8 +438,11 @@ def student_classifier(path: str | Path, *, device: torch.device | str = "cpu", 
     from promptkd.serve import load_student
 
     loaded = load_student(path, device=device, **builder_options)
+    meta = loaded.meta
     source = {"student": str(path), "store_fingerprint": loaded.store.fingerprint(),
-              "adapter_sha256": loaded.meta.get("adapter_sha256"), "selection_record": loaded.meta.get("selection")}
+              "adapter_sha256": meta.get("adapter_sha256"), "selection_record": meta.get("selection"),
+              "teacher": meta.get("teacher"),  # which teacher it was distilled from (artefact, sha, selection)
+              "recorded": {"seed": meta.get("seed"), "protocol": meta.get("protocol"), "dataset": meta.get("dataset")}}
     return ImageClassifier(loaded.student, loaded.store, loaded.image_spec, "student", selection_of(loaded.meta), source)
 
 
@@ -458,8 +461,10 @@ def teacher_classifier(path: str | Path, class_names: Sequence[str], *, device: 
     def encode(images: Tensor) -> Tensor:
         return teacher.encode_image(images, prompted=True)
 
+    train = (meta.get("config") or {}).get("train") or {}
     source = {"teacher": str(path), "adapter_sha256": meta.get("adapter_sha256"),
-              "store_fingerprint": store.fingerprint()}
+              "store_fingerprint": store.fingerprint(), "teacher_selection": meta.get("selection"),
+              "recorded": {"seed": train.get("seed")}}
     return ImageClassifier(encode, store, teacher.image_spec, "teacher", selection_of(meta), source)
 
 

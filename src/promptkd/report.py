@@ -50,6 +50,7 @@ class Record:
     path: str
     created: str = ""
     name: str = ""  # optional "name" in results.json: tells apart two models of one kind (e.g. two zero-shot)
+    teacher_rule: str = ""  # how the teacher behind this row was chosen (gpa, authors_best_on_test, ...), if known
 
     @property
     def label(self) -> str:
@@ -157,9 +158,12 @@ def _validate(data: object, path: Path) -> Record:
     name = data.get("name") or ""
     if not isinstance(name, str):
         raise ValueError(f"name must be a string, got {name!r}")
+    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    teacher = source.get("teacher") if isinstance(source.get("teacher"), dict) else {}
+    teacher_rule = str(source.get("teacher_selection") or teacher.get("selection") or "")
     return Record(str(data["protocol"]), str(data["dataset"]), int(data["seed"]), str(data["model"]),
                   str(data.get("selection") or "unspecified"), dict(metrics), str(path), str(data.get("created", "")),
-                  name)
+                  name, teacher_rule)
 
 
 def collect(runs_dir: str | Path) -> tuple[list[Record], list[str]]:
@@ -280,6 +284,20 @@ def _selection_notes(cells: Iterable[Cell], protocol: str) -> list[str]:
             "Such numbers are not directly comparable."]
 
 
+def _teacher_notes(cells: Iterable[Cell], protocol: str) -> list[str]:
+    """Flag one model kind whose runs come from teachers chosen by different rules (e.g. our GPA teacher
+    and the authors' test-selected model-best.pth.tar): they are averaged together."""
+    by_model: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for c in cells:
+        for r in c.records:
+            if r.teacher_rule:
+                by_model[c.model][r.teacher_rule] += 1
+    mixed = {m: v for m, v in by_model.items() if len(v) > 1}
+    return [f"**{m} rows of this {protocol} table come from teachers chosen by different rules** ("
+            + ", ".join(f"{rule}: {n} run{'s' * (n > 1)}" for rule, n in sorted(v.items()))
+            + "); they are averaged together and are not directly comparable." for m, v in sorted(mixed.items())]
+
+
 def _coverage_notes(cells: dict[tuple[str, str], Cell], models: list[str], datasets: list[str]) -> list[str]:
     notes = []
     for m in models:
@@ -309,7 +327,8 @@ def base_to_novel_table(records: Iterable[Record], seeds: Sequence[int] | None =
     models = _sorted_models(cells)
     datasets = _sorted_datasets(d for _, d in cells)
     expected = next(iter(cells.values())).expected_seeds
-    notes = _selection_notes(cells.values(), "base2novel") + _coverage_notes(cells, models, datasets)
+    notes = (_selection_notes(cells.values(), "base2novel") + _teacher_notes(cells.values(), "base2novel")
+             + _coverage_notes(cells, models, datasets))
     rows: list[dict] = []
     plot: dict[str, dict[str, tuple[float, float | None]]] = {}
     out = io.StringIO()
@@ -398,10 +417,14 @@ def accuracy_table(records: Iterable[Record], protocol: str, seeds: Sequence[int
     models = _sorted_models(cells)
     datasets = _sorted_datasets(d for _, d in cells)
     expected = next(iter(cells.values())).expected_seeds
-    notes = _selection_notes(cells.values(), protocol) + _coverage_notes(cells, models, datasets)
+    notes = (_selection_notes(cells.values(), protocol) + _teacher_notes(cells.values(), protocol)
+             + _coverage_notes(cells, models, datasets))
     title = {"cross_dataset": "Cross-dataset", "domain_generalization": "Domain generalisation"}[protocol]
     out = io.StringIO()
     out.write(f"## {title} (seeds {', '.join(map(str, expected))}; accuracy %, mean ± std over seeds)\n\n")
+    rules = [f"{m}: " + ", ".join(sorted({s for (mm, _), c in cells.items() if mm == m for s in c.selections}))
+             for m in models]
+    out.write(f"Model selection: {'; '.join(rules)}.\n\n")
     header = ["Target"] + models + ["paper PromptKD"]
     out.write("| " + " | ".join(header) + " |\n|" + "---|" + "---:|" * (len(header) - 1) + "\n")
     rows, plot = [], {m: {} for m in models}
@@ -422,16 +445,23 @@ def accuracy_table(records: Iterable[Record], protocol: str, seeds: Sequence[int
                          "selection": " ".join(c.selections)})
         line.append(_fmt(paper.accuracy(protocol, paper.PROMPTKD, d)))
         out.write("| " + " | ".join(line) + " |\n")
+    paper_targets = paper.CROSS_DATASET_TARGETS if protocol == "cross_dataset" else paper.DG_TARGETS
+    # the Average is over the paper's targets when any are here (the source, ImageNet, is shown but is not a
+    # target); over every row for your own data
+    targets = [d for d in datasets if d in paper_targets] or datasets
+    outside = [d for d in datasets if d not in targets]
     avg_line = ["**Average**"]
     for m in models:
-        present = [cells[(m, d)].stat("accuracy").mean for d in datasets if (m, d) in cells]
+        present = [cells[(m, d)].stat("accuracy").mean for d in targets if (m, d) in cells]
+        if not present:
+            avg_line.append("—")
+            continue
         avg = float(np.mean(present))
         avg_line.append(f"{avg:.2f} ({len(present)} target{'s' * (len(present) > 1)})")
         plot[m]["Average"] = (avg, None)
         rows.append({"protocol": protocol, "model": m, "dataset": "Average", "n_datasets": len(present),
                      "accuracy_mean": avg})
-    paper_targets = paper.CROSS_DATASET_TARGETS if protocol == "cross_dataset" else paper.DG_TARGETS
-    full = set(datasets) >= set(paper_targets)
+    full = set(targets) >= set(paper_targets)
     ref_avg = paper.accuracy_average(protocol, paper.PROMPTKD)
     own_data_only = not set(datasets) & set(paper_targets)  # e.g. `--dataset folder:PATH` runs only
     avg_line.append("—" if own_data_only else _fmt(ref_avg) + ("" if full else f" (all {len(paper_targets)} targets)"))
@@ -440,7 +470,10 @@ def accuracy_table(records: Iterable[Record], protocol: str, seeds: Sequence[int
         notes.append(f"{', '.join(datasets)}: not among the paper's targets (your own data): no paper numbers.")
     elif not full:
         notes.append(f"The paper's average covers all {len(paper_targets)} targets; this run has "
-                     f"{len(datasets)}: not directly comparable.")
+                     f"{len(targets)}: not directly comparable.")
+    if outside and not own_data_only:
+        notes.append(f"{', '.join(outside)}: not a target of this protocol (the source dataset): shown, not "
+                     "counted in the Average.")
     plot["paper PromptKD"] = {d: (v, None) for d in datasets
                               if (v := paper.accuracy(protocol, paper.PROMPTKD, d)) is not None}
     if full and ref_avg is not None:

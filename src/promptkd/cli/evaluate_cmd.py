@@ -31,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument("--protocol", required=True, choices=("base2novel", "cross_dataset", "domain_generalization"),
                    help="the paper's protocol (base2novel: base/novel/HM; the others: accuracy)")
-    p.add_argument("--seed", type=int, default=1, help="the run's seed, recorded in results.json (default %(default)s)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the run's seed, recorded in results.json (default: the seed the artefact was trained with; "
+                        "1 for zeroshot); another seed than the artefact's is refused")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for results.json, results.md, per_class.csv")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (default %(default)s)")

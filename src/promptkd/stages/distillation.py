@@ -470,7 +470,8 @@ def _distill(cfg: DistillConfig, folder: RunFolder) -> StudentRun:
                 "student_sha256": student.identity().get("sha256"), "seed": seed, "unlabelled": info,
                 "teacher_cache": info.get("teacher_cache"),
                 "teacher_summary": {"artefact": str(cfg.teacher), "adapter_sha256": teacher_meta.get("adapter_sha256"),
-                                    "dataset": teacher_meta.get("config", {}).get("dataset")}}
+                                    "dataset": teacher_meta.get("config", {}).get("dataset"),
+                                    "selection": teacher_meta.get("selection")}}
     check_same_inputs(folder, run_info, ("store_fingerprint", "teacher_adapter_sha256", "student_sha256",
                                          "teacher_cache"))
     if D.is_main():

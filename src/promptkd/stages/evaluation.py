@@ -29,7 +29,7 @@ class EvaluateConfig:
     clip_weights: str | Path | None = None  # zeroshot: the CLIP file; otherwise overrides the recorded path
     data_root: str | Path | None = None
     templates: str = "coop"
-    seed: int = 1
+    seed: int | None = None  # None: the seed the artefact records (1 for zero-shot CLIP)
     batch_size: int = 64
     workers: int = 2
     device: str = "auto"
@@ -75,6 +75,26 @@ def check_request(cfg: EvaluateConfig) -> None:
         raise ValueError(f"batch size must be >= 1 and workers >= 0 (got {cfg.batch_size}, {cfg.workers})")
 
 
+PAPER_PROTOCOLS = ("base2novel", "cross_dataset", "domain_generalization")
+
+
+def check_recorded(cfg: EvaluateConfig, recorded: dict) -> int:
+    """The seed to file the results under: the artefact's own unless said otherwise, and never another one.
+
+    ``report`` files each results.json by its seed and protocol, so a student evaluated under another seed
+    or protocol than it was distilled with would stand in the wrong table cell (a student distilled for
+    your own data, protocol ``custom``, may be evaluated under any protocol)."""
+    own_seed, own_protocol = recorded.get("seed"), recorded.get("protocol")
+    what = f"the {cfg.model} in {cfg.artefact}"
+    if cfg.seed is not None and own_seed is not None and int(cfg.seed) != int(own_seed):
+        raise ValueError(f"--seed {cfg.seed}, but {what} was trained with seed {own_seed} (its adapter.json); "
+                         f"results are filed by seed: pass --seed {own_seed} or leave --seed out")
+    if own_protocol in PAPER_PROTOCOLS and cfg.protocol != own_protocol:
+        raise ValueError(f"--protocol {cfg.protocol}, but {what} was distilled for {own_protocol} (its adapter.json); "
+                         f"pass --protocol {own_protocol}")
+    return int(cfg.seed if cfg.seed is not None else own_seed if own_seed is not None else 1)
+
+
 def evaluate_model(cfg: EvaluateConfig | None = None, **fields: Any) -> EvalRun:
     """Features of every test image (once), the protocol's metrics, and the files in ``cfg.out``."""
     from promptkd.data.benchmarks import load_benchmark
@@ -109,8 +129,9 @@ def evaluate_model(cfg: EvaluateConfig | None = None, **fields: Any) -> EvalRun:
             clf = teacher_classifier(cfg.artefact, bench.classnames, device=device, **options)
         else:
             clf = student_classifier(cfg.artefact, device=device, **options)
+    seed = check_recorded(cfg, clf.source.get("recorded") or {})
     progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
-    result = evaluate_benchmark(clf, bench, cfg.protocol, seed=cfg.seed, batch_size=cfg.batch_size,
+    result = evaluate_benchmark(clf, bench, cfg.protocol, seed=seed, batch_size=cfg.batch_size,
                                 num_workers=cfg.workers, device=device, precision=cfg.precision, progress=progress,
                                 max_image_pixels=cfg.max_image_pixels)
     files = write_results(result, out)
@@ -119,7 +140,7 @@ def evaluate_model(cfg: EvaluateConfig | None = None, **fields: Any) -> EvalRun:
 
         writer = open_tensorboard(out / "tensorboard")
         for key, value in result.metrics.items():
-            writer.add_scalar(f"eval/{result.dataset}/{key}", value, cfg.seed)
+            writer.add_scalar(f"eval/{result.dataset}/{key}", value, seed)
         writer.close()
         files["tensorboard"] = out / "tensorboard"
     run = EvalRun(dict(result.metrics), result, files)
