@@ -238,3 +238,16 @@ def test_students_of_differently_chosen_teachers_are_flagged(tmp_path):
     md = " ".join((tmp_path / "out" / "report.md").read_text().split())
     assert ("student rows of this base2novel table come from teachers chosen by different rules** "
             "(authors_best_on_test: 1 run, gpa: 2 runs)") in md
+
+
+def test_one_teacher_per_dataset_is_not_a_missing_seed(runs, tmp_path):
+    root, _ = runs  # students and zero-shot rows for seeds 1-3
+    write(root, "base2novel", "DTD", 1, "teacher", {"base": 80.0, "novel": 60.0, "hm": hm(80.0, 60.0)})
+    write(root, "base2novel", "Caltech101", 1, "teacher", {"base": 90.0, "novel": 70.0, "hm": hm(90.0, 70.0)})
+    assert main(["report", str(root), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "teacher DTD: seed(s)" not in md and "missing" not in md
+    assert "teacher: one teacher per dataset (seed 1), reused by the students of every seed" in " ".join(md.split())
+    write(root, "base2novel", "DTD", 2, "teacher", {"base": 81.0, "novel": 61.0, "hm": hm(81.0, 61.0)})
+    assert main(["report", str(root), "--out", str(tmp_path / "out2"), "--quiet"]) == 0  # teachers per seed: gaps count
+    assert "teacher Caltech101: seed(s) 2, 3 missing" in (tmp_path / "out2" / "report.md").read_text()

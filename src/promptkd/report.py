@@ -206,7 +206,12 @@ def build_cells(records: Iterable[Record], protocol: str, seeds: Sequence[int] |
     grouped: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for r in recs:
         grouped[(r.label, r.dataset)].append(r)
-    return {k: Cell(protocol, k[0], k[1], v, expected) for k, v in grouped.items()}
+    cells = {k: Cell(protocol, k[0], k[1], v, expected) for k, v in grouped.items()}
+    teachers = [c for c in cells.values() if c.kind == "teacher"]
+    if teachers and all(len(c.records) == 1 for c in teachers) and len(expected) > 1:
+        for c in teachers:  # one teacher per dataset, reused by every seed's student (the authors' protocol)
+            c.expected_seeds = c.seeds
+    return cells
 
 
 def _sorted_datasets(names: Iterable[str]) -> list[str]:
@@ -300,6 +305,12 @@ def _teacher_notes(cells: Iterable[Cell], protocol: str) -> list[str]:
 
 def _coverage_notes(cells: dict[tuple[str, str], Cell], models: list[str], datasets: list[str]) -> list[str]:
     notes = []
+    single = sorted({c.seeds[0] for c in cells.values()
+                     if c.kind == "teacher" and len(c.seeds) == 1 and not c.missing_seeds})
+    all_seeds = sorted({s for c in cells.values() for s in c.expected_seeds})
+    if single and len(all_seeds) > 1:
+        notes.append(f"teacher: one teacher per dataset (seed {', '.join(map(str, single))}), reused by the students "
+                     "of every seed, as in the authors' protocol: its row is that one teacher, not a mean over seeds")
     for m in models:
         absent = [d for d in datasets if (m, d) not in cells]
         if absent:
