@@ -3,7 +3,7 @@
 #   teacher (PromptSRC, ViT-L/14, 16 base shots) -> class vectors (once) -> student (ViT-B/16, unlabelled)
 #   -> evaluation of zero-shot CLIP ViT-B/16, teacher and student -> one report over everything.
 # As the authors: ONE teacher per dataset (seed TEACHER_SEED), reused by the students of every seed.
-# Re-running it skips finished steps and resumes interrupted ones.
+# Re-running it skips finished steps (made with the same settings) and resumes interrupted ones.
 #
 #   bash scripts/reproduce_base2novel.sh DATA_ROOT ViT-L-14.safetensors ViT-B-16.safetensors
 #   DATASETS="dtd eurosat" SEEDS="1" OUT=runs/b2n bash scripts/reproduce_base2novel.sh ...
@@ -30,12 +30,25 @@ fi
 read -r -a TSET <<< "${TEACHER_SET:-}"
 read -r -a SSET <<< "${STUDENT_SET:-}"
 
+# A finished step is skipped only if it was made with the same settings: each run's settings are noted in
+# NAME.settings beside it, and a re-run with others stops instead of mixing two experiments in one table.
+same_settings() {  # $1 run folder, $2 settings in words
+  local note="$1.settings"
+  if [ -f "$note" ] && [ "$(cat "$note")" != "$2" ]; then
+    echo "$1 was made with other settings ($(cat "$note")), not ($2): use another OUT, or delete $1 to redo it" >&2
+    exit 2
+  fi
+}
+note_settings() { printf '%s' "$2" > "$1.settings"; }
+
 # --resume continues an interrupted run and starts a fresh one in an empty folder
 teacher_and_vectors() {  # $1 dataset, $2 folder, $3 seed
+  same_settings "$2/teacher" "seed=$3 ${TEACHER_SET:-}"
   if [ ! -f "$2/teacher/adapter.json" ]; then
     $PK train-teacher --config teacher/base2novel --data-root "$DATA" --dataset "$1" \
       --clip-weights "$TEACHER_CLIP" --out "$2/teacher" --seed "$3" --resume "${TSET[@]}"
   fi
+  note_settings "$2/teacher" "seed=$3 ${TEACHER_SET:-}"
   if [ ! -f "$2/class_vectors.safetensors" ]; then
     $PK class-vectors --teacher "$2/teacher" --dataset "$1" --data-root "$DATA" --out "$2/class_vectors.safetensors"
   fi
@@ -51,11 +64,13 @@ for d in $DATASETS; do
     echo "== $d seed $s -> $run"
     t="$shared"
     if [ "$TEACHER_PER_SEED" = 1 ]; then t="$run"; teacher_and_vectors "$d" "$run" "$s"; fi
+    same_settings "$run/student" "teacher=$t/teacher ${STUDENT_SET:-}"
     if [ ! -f "$run/student/adapter.json" ]; then
       $PK distill --config "distill/base2novel/$d" --data-root "$DATA" --teacher "$t/teacher" \
         --class-vectors "$t/class_vectors.safetensors" --student-weights "$STUDENT_CLIP" \
         --out "$run/student" --seed "$s" --resume "${SSET[@]}"
     fi
+    note_settings "$run/student" "teacher=$t/teacher ${STUDENT_SET:-}"
     common=(--data-root "$DATA" --dataset "$d" --protocol base2novel --seed "$s")
     [ -f "$run/eval_zeroshot/results.json" ] || \
       $PK evaluate --model zeroshot --clip-weights "$STUDENT_CLIP" "${common[@]}" --out "$run/eval_zeroshot"

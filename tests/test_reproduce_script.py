@@ -47,3 +47,8 @@ def test_script_trains_one_teacher_per_dataset_and_a_student_per_seed(tmp_path):
     assert (tmp_path / "runs" / "report" / "report.md").is_file()
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "train-teacher" not in again.stderr and "distill:" not in again.stderr
+    # other student settings over the same OUT: refused before anything runs, nothing mixed into the table
+    other = subprocess.run(cmd, env={**env, "STUDENT_SET": f"{FAST} --set student.depth=1 --set method.selection=paper"},
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "was made with other settings" in other.stderr and "distill:" not in other.stderr
+    assert str(runs / "seed1" / "student") in other.stderr
