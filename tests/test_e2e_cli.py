@@ -90,6 +90,12 @@ def test_full_pipeline_two_seeds(world):
     assert res["source"]["teacher"]["artefact"] == str(r2 / "teacher") and res["source"]["teacher"]["selection"] == "gpa"
     teacher_res = json.loads((r2 / "eval_teacher" / "results.json").read_text())
     assert teacher_res["source"]["teacher_selection"] == "gpa"
+    zs = json.loads((r2 / "eval_zeroshot" / "results.json").read_text())["source"]
+    from promptkd.models.clip_backbones import tensors_sha256
+    from promptkd.models.weights import load_clip
+
+    assert zs["clip_sha256"] == tensors_sha256(load_clip(world / "teacher_clip.safetensors").state_dict())
+    assert res["source"]["precision"] in ("fp32", "bf16") and res["source"]["precision_requested"] == "auto"
     again = ["evaluate", "--model", "student", "--artefact", str(r2 / "student"), "--data-root", str(data),
              "--dataset", "Caltech101", "--device", "cpu", "--workers", "0", "--out", str(world / "again")]
     run([*again, "--protocol", "base2novel"])  # no --seed: the student's own

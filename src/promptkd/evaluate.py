@@ -381,6 +381,7 @@ def evaluate_benchmark(
     if len(dataset) == 0:  # say which dataset (extract_features alone cannot)
         raise ValueError(f"{bench.name}: the test split is empty: nothing to evaluate")
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+    requested = precision
     if precision == "auto":
         precision = auto_precision(classifier, dataset, device).precision
     try:
@@ -391,7 +392,9 @@ def evaluate_benchmark(
         raise ValueError(f"{bench.name} test split: {exc}") from exc
     return evaluate_features(feats, labels, classifier.store, bench.classnames, protocol, dataset=bench.name,
                              seed=seed, model=classifier.model, selection=classifier.selection,
-                             imagenet_indices=bench.imagenet_indices, source=classifier.source)
+                             imagenet_indices=bench.imagenet_indices,
+                             source={**classifier.source, "precision": precision, "precision_requested": requested,
+                                     "device": str(device)})
 
 
 CHECK_IMAGES = 256  # test images the bf16-vs-fp32 check of precision=auto reads
@@ -485,5 +488,6 @@ def zeroshot_classifier(clip_weights: str | Path, bench, *, device: torch.device
     def encode(images: Tensor) -> Tensor:
         return clip.encode_image(images, prompted=False)
 
-    source = {"clip_weights": str(clip_weights), "templates": templates, "store_fingerprint": store.fingerprint()}
+    source = {"clip_weights": str(clip_weights), "clip_sha256": clip.identity().get("sha256"), "templates": templates,
+              "store_fingerprint": store.fingerprint()}
     return ImageClassifier(encode, store, clip.image_spec, "zeroshot", "none", source)
