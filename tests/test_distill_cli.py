@@ -86,7 +86,9 @@ def test_distill_run_writes_config_logs_and_a_student_artefact(setup, capsys):
     assert meta["selection"]["selection"].startswith("best_teacher_agreement")
     assert meta["selection"]["selected_epoch"] in (1, 2) and meta["protocol"] == "base2novel"
     assert meta["class_names"] == fx.classnames and (out / artifacts.STORE).is_file()
-    assert "distill: DTD transductive: 12 unlabelled images (+4 held out)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "distill: DTD transductive: 12 unlabelled images (+4 held out)" in err
+    assert f"kept the epoch-{meta['selection']['selected_epoch']} student (best_teacher_agreement" in err
     with pytest.raises(SystemExit):  # a finished run is never replaced silently
         sys.exit(main([*base, "--out", str(out)]))
     assert "holds a finished run (adapter.json); pass --overwrite" in capsys.readouterr().err

@@ -88,6 +88,8 @@ def test_full_pipeline_two_seeds(world):
     r2 = runs / "base2novel" / "Caltech101" / "seed2"
     res = json.loads((r2 / "eval_student" / "results.json").read_text())
     assert res["source"]["teacher"]["artefact"] == str(r2 / "teacher") and res["source"]["teacher"]["selection"] == "gpa"
+    kept = json.loads((r2 / "student" / "adapter.json").read_text())["selection"]
+    assert kept["selection"] == "last_epoch" and kept["selected_epoch"] == 2  # FAST: 2 epochs
     teacher_res = json.loads((r2 / "eval_teacher" / "results.json").read_text())
     assert teacher_res["source"]["teacher_selection"] == "gpa"
     zs = json.loads((r2 / "eval_zeroshot" / "results.json").read_text())["source"]

@@ -100,6 +100,8 @@ def test_convert_teacher_needs_trust_and_reproduces_hand_set_prompts(world, caps
     assert _cli(argv) == 2
     assert "--trust-checkpoint" in capsys.readouterr().err and not out.exists()
     assert _cli([*argv, "--trust-checkpoint"]) == 0
+    said = capsys.readouterr().out
+    assert f"from {src} (selection authors_model.pth.tar-20: the epoch that file holds)" in said
     converted, meta = teacher_io.load_teacher(out)
     assert meta["config"]["converted_from"]["epoch"] == 20 and meta["selection"] == "authors_model.pth.tar-20"
 

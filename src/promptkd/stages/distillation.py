@@ -501,14 +501,18 @@ def _distill(cfg: DistillConfig, folder: RunFolder) -> StudentRun:
         say(f"stopped after {result['global_step']} steps (max_steps); continue with --resume")
         return run
     run.selection = module.selection_record()
+    if run.selection.get("selected_epoch") is None and result.get("epochs_done"):
+        run.selection["selected_epoch"] = int(result["epochs_done"])  # the last epoch's student is the one kept
     if D.is_main():
         student.eval()
         artifacts.save_adapter(student, out, "student", store=store, config=copy.deepcopy(settings), extra={
             "selection": run.selection, "protocol": settings["protocol"], "dataset": settings["data"]["dataset"],
             "seed": seed, "teacher": run_info["teacher_summary"], "unlabelled": info, "final_metrics": result["last"]})
         last = result["last"]
+        sel = run.selection
         say(f"done (loss {last.get('loss', float('nan')):.4g}, teacher agreement "
-            f"{last.get('agreement', float('nan')):.1f}%); student artefact in {out}")
+            f"{last.get('agreement', float('nan')):.1f}%); kept the epoch-{sel.get('selected_epoch')} student "
+            f"({sel.get('selection')}); student artefact in {out}")
     D.barrier()
     run.artefact = out
     return run
