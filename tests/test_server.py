@@ -53,7 +53,11 @@ def test_health_classes_docs_and_page(predictor):
         spec = client.get("/openapi.json").json()
         body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
         assert {"multipart/form-data", "application/json"} <= set(body)
-        assert client.get("/docs").status_code == 200
+        docs = client.get("/docs")
+        assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+        assert "http://" not in docs.text.replace("http://HOST:PORT", "") and "https://" not in docs.text  # offline
+        for route in ("GET /health", "GET /classes", "POST /predict", "multipart/form-data", "top_k"):
+            assert route in docs.text, route
         page = client.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         html = page.text

@@ -1,6 +1,6 @@
 """``promptkd serve``: a distilled student behind a small HTTP API (FastAPI + uvicorn) and a web page.
 
-Routes (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
+Routes (described at ``/docs``, a page that needs no internet; schema at ``/openapi.json``):
 
 * ``GET /``: a single page (plain HTML/JS in ``page.html``, nothing fetched from elsewhere): choose or
   drop an image, see the top-k classes as bars, the model's name and class count;
@@ -167,7 +167,7 @@ def create_app(predictor: Predictor, cfg: ServeConfig | None = None):
     prepare = predictor.preparer()
     info = predictor.info
     started = time.time()
-    app = FastAPI(title="promptkd student", version="1",
+    app = FastAPI(title="promptkd student", version="1", docs_url=None, redoc_url=None,  # theirs load a CDN
                   description=f"{info.name}: a PromptKD student over {len(info.class_names)} classes "
                               f"({info.backend}, {info.precision}). Images in, top-k classes out.")
     app.add_middleware(BodyLimit, max_bytes=int(cfg.max_upload_mb * 2**20))
@@ -181,6 +181,12 @@ def create_app(predictor: Predictor, cfg: ServeConfig | None = None):
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
         return page_html()
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> str:
+        from promptkd.server.api_docs import docs_html
+
+        return docs_html(app.openapi())
 
     @app.get("/health", summary="Server status and the model's identity")
     async def health() -> dict:
