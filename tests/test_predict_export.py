@@ -281,3 +281,70 @@ def test_clip_student_onnx_and_bundle(clip_student_dir, tmp_path):
         np.testing.assert_allclose(again.classifier("probabilities")(x).numpy(), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="clip.safetensors"):
         load_student(folder)  # the folder needs the original weights file
+
+
+def _recipe_input(path, recipe) -> np.ndarray:
+    """The model input made with PIL and numpy from the file's own recipe, as a program without promptkd would."""
+    from PIL import Image
+
+    steps = {s["op"]: s for s in recipe["steps"]}
+    img = Image.open(path).convert(steps["decode"]["mode"])
+    size, (w, h) = steps["resize"]["short_side"], img.size
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if new != img.size:
+        img = img.resize(new, {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[steps["resize"]["interpolation"]])
+    crop = steps["center_crop"]["size"]
+    left, top = round((img.width - crop) / 2), round((img.height - crop) / 2)
+    img = img.crop((left, top, left + crop, top + crop))
+    if "grey" in steps:
+        img = img.convert("L")
+    x = np.asarray(img, dtype=np.float32) * steps["scale"]["factor"]
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    mean, std = (np.asarray(steps["normalize"][k], dtype=np.float32)[:, None, None] for k in ("mean", "std"))
+    return ((x - mean) / std)[None].astype(np.float32)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_an_exported_file_says_how_to_prepare_images_for_plain_onnxruntime(tmp_path, channels):
+    """Non-square images (where the resize and crop rules matter): the recipe in the ONNX metadata alone,
+    implemented here with PIL and numpy, gives promptkd's own predictions."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    from promptkd.runtime import load_predictor
+
+    class Grey(ToyStudent):
+        image_spec = ImageSpec(size=32, mean=(0.4, 0.4, 0.4), std=(0.3, 0.3, 0.3), interpolation="bilinear",
+                               channels=1)
+
+        def __init__(self, seed=0):
+            super().__init__(seed)
+            self.trunk[0] = nn.Conv2d(1, 8, 3, stride=2).requires_grad_(False)
+            gen = torch.Generator().manual_seed(seed)  # frozen: rebuilt from the seed, as ToyStudent's
+            with torch.no_grad():
+                for p in self.trunk[0].parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+        def identity(self):
+            return {"kind": "toy-grey", "seed": self.seed}
+
+    register_builder("toy-grey", "student", lambda identity, **_: Grey(int(identity["seed"])))
+    torch.manual_seed(0)
+    model = (ToyStudent(seed=3) if channels == 3 else Grey(seed=3)).eval()
+    store = ClassVectorStore(torch.nn.functional.normalize(torch.randn(4, 6), dim=-1), CLASSES, 100.0)
+    folder = save_adapter(model, tmp_path / "student", "student", store=store)
+    path = export_onnx(load_student(folder), tmp_path / "s.onnx")
+    recipe = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["promptkd.preprocessing"])
+    assert recipe["input"]["shape"] == ["batch", channels, 32, 32]
+    rng = np.random.default_rng(1)
+    images = []
+    for i, (w, h) in enumerate([(57, 41), (37, 61), (33, 32), (32, 32)]):  # 61 * 32 / 37 = 52.8: int, not round
+        p = tmp_path / f"odd{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        images.append(p)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = np.concatenate([sess.run(None, {recipe["input"]["name"]: _recipe_input(p, recipe)})[0] for p in images])
+    ours = load_predictor(str(folder), precision="fp32", backend="torch")
+    want = ours.probabilities(ours.preparer()([Image.open(p) for p in images]))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -203,6 +203,7 @@ def _annotate_onnx(path: Path, loaded: LoadedStudent, output: str) -> None:
         "promptkd.class_names": json.dumps(loaded.store.class_names),
         "promptkd.output": output,
         "promptkd.image_spec": json.dumps(_spec_json(spec)),
+        "promptkd.preprocessing": json.dumps(preprocessing_recipe(spec)),
         "promptkd.identity": json.dumps(loaded.meta.get("backbone", {}), sort_keys=True, default=str),
         "promptkd.store_fingerprint": loaded.store.fingerprint(),
     }
@@ -210,6 +211,27 @@ def _annotate_onnx(path: Path, loaded: LoadedStudent, output: str) -> None:
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v
     onnx.save(model, str(path))
+
+
+def preprocessing_recipe(spec: ImageSpec, input_name: str = "images") -> dict:
+    """The exact test-time preprocessing of ``spec``, written into exported files so that a program without
+    promptkd can reproduce it (``predict``/``serve`` do these steps; see :class:`promptkd.runtime.Preparer`)."""
+    grey = spec.channels == 1
+    mean, std = (list(spec.mean[:1]), list(spec.std[:1])) if grey else (list(spec.mean), list(spec.std))
+    return {
+        "input": {"name": input_name, "layout": "NCHW", "dtype": "float32",
+                  "shape": ["batch", spec.channels, spec.size, spec.size]},
+        "steps": [
+            {"op": "decode", "mode": "RGB", "note": "PIL Image.convert('RGB'); 16-bit grey scaled v * 255 / 65535"},
+            {"op": "resize", "short_side": spec.size, "long_side": "int(short_side * long / short), truncated",
+             "interpolation": spec.interpolation, "note": "skipped when the image already has that size"},
+            {"op": "center_crop", "size": spec.size,
+             "offset": "left = round((width - size) / 2), top = round((height - size) / 2), Python's round"},
+            *([{"op": "grey", "note": "PIL Image.convert('L') of the cropped RGB image"}] if grey else []),
+            {"op": "scale", "factor": 1 / 255},
+            {"op": "normalize", "mean": mean, "std": std, "note": "(x - mean) / std per channel"},
+        ],
+    }
 
 
 def _spec_json(spec: ImageSpec) -> dict:
@@ -239,6 +261,7 @@ def save_bundle(loaded: LoadedStudent, out: str | os.PathLike, dtype: torch.dtyp
         "logit_scale": repr(float(loaded.store.logit_scale)),
         "teacher": json.dumps(loaded.store.teacher, sort_keys=True, default=str),
         "image_spec": json.dumps(_spec_json(loaded.image_spec)),
+        "preprocessing": json.dumps(preprocessing_recipe(loaded.image_spec)),
         "adapter": json.dumps(loaded.meta, default=str),
     }
     if dtype is not None:
