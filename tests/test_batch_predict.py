@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,11 +101,19 @@ def test_rerun_resumes_after_a_kill_and_skips_what_is_written(colour_setup, tmp_
     rows = _read_csv(out)
     assert [r["path"] for r in rows] == paths  # each once, the cut row redone
     assert all(r["label_1"] == truth[r["path"]] for r in rows if r["path"] != bad)
-    # a third run has nothing left to do but still reports the unreadable image
+    # a third run tries the unreadable image again (it may have been fixed); still broken, still listed
     assert main(["predict", str(images), "--student", str(student), "--out", str(out), "--precision", "fp32"]) == 1
     err = capsys.readouterr().err
-    assert f"0 image(s) predicted, {len(paths)} already in" in err and bad in err
-    assert len(_read_csv(out)) == len(paths)
+    assert f"0 image(s) predicted, {len(paths) - 1} already in" in err and "1 that failed before tried again" in err
+    assert bad in err and sorted(r["path"] for r in _read_csv(out)) == paths
+    # fixed: the next run predicts it, and its error row is gone
+    from deploy_models import colour_image
+
+    Path(bad).unlink()
+    colour_image(Path(bad), "blue", seed=9)  # a real JPEG now (the suffix says so)
+    assert main(["predict", str(images), "--student", str(student), "--out", str(out), "--precision", "fp32"]) == 0
+    rows = {r["path"]: r for r in _read_csv(out)}
+    assert len(rows) == len(paths) and rows[bad]["label_1"] == "blue" and not rows[bad]["error"]
 
 
 def test_resume_refuses_another_model_or_top_k(colour_setup, tmp_path, capsys):

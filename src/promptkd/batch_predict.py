@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from promptkd.fileio import atomic_write_json, read_json
+from promptkd.fileio import atomic_write, atomic_write_json, read_json
 from promptkd.progress import progress_bar
 from promptkd.runtime import Predictor, decode_image
 
@@ -50,11 +50,14 @@ class Summary:
     errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run and earlier ones
     out: str | None = None
     seconds: float = 0.0
+    retried: int = 0  # rows of images that had failed in an earlier run, dropped and tried again
 
     def line(self) -> str:
         parts = [f"{self.predicted} image(s) predicted"]
         if self.skipped:
             parts.append(f"{self.skipped} already in {self.out} (skipped)")
+        if self.retried:
+            parts.append(f"{self.retried} that failed before tried again")
         if self.errors:
             parts.append(f"{len(self.errors)} unreadable")
         rate = self.predicted / self.seconds if self.seconds > 0 else 0.0
@@ -182,7 +185,8 @@ def _check_meta(out: Path, meta: dict) -> None:
 
 def predict_to_file(predictor: Predictor, paths: Sequence[str], out: str | os.PathLike, *, top_k: int = 5,
                     batch_size: int = 32, progress: bool = True) -> Summary:
-    """Append one row per path to ``out`` (CSV or JSON lines), skipping paths it already holds."""
+    """Append one row per path to ``out`` (CSV or JSON lines), skipping paths it already holds a
+    prediction for; images whose earlier row is an error are tried again (their old row is dropped)."""
     out = Path(out)
     fmt = output_format(out)
     k = min(top_k, len(predictor.class_names))
@@ -191,9 +195,14 @@ def predict_to_file(predictor: Predictor, paths: Sequence[str], out: str | os.Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_meta(out, meta)
     done = read_done(out, fmt, k) if out.exists() and out.stat().st_size else {}
+    wanted = {str(p) for p in paths}
+    retry = {p for p, e in done.items() if e and p in wanted}
+    if retry:  # images that failed before are tried again (the file may have been fixed): drop their rows
+        _drop_rows(out, fmt, retry)
+        done = {p: e for p, e in done.items() if p not in retry}
     todo = [str(p) for p in paths if str(p) not in done]
     summary = Summary(total=len(paths), skipped=len(paths) - len(todo), out=str(out),
-                      errors=[(p, e) for p, e in done.items() if e])
+                      errors=[(p, e) for p, e in done.items() if e], retried=len(retry))
     start = time.perf_counter()
     bar = progress_bar(total=len(todo), desc="predict", unit="img", enabled=progress and bool(todo))
     try:
@@ -211,6 +220,21 @@ def predict_to_file(predictor: Predictor, paths: Sequence[str], out: str | os.Pa
         bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _drop_rows(out: Path, fmt: str, paths: set[str]) -> None:
+    """Rewrite ``out`` (atomically) without the rows of ``paths``."""
+    text = out.read_text(encoding="utf-8")
+    if fmt == "csv":
+        rows = list(csv.reader(io.StringIO(text)))
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerows([rows[0], *(r for r in rows[1:] if r and r[0] not in paths)])
+        kept = buf.getvalue()
+    else:
+        kept = "".join(line + "\n" for line in text.splitlines()
+                       if line.strip() and json.loads(line).get("path") not in paths)
+    atomic_write(out, kept)
 
 
 def _count(summary: Summary, rows: list[Row]) -> None:
