@@ -190,3 +190,17 @@ def test_backend_auto_uses_onnxruntime_for_long_fp32_jobs_with_the_same_answers(
                  "--precision", "fp32"]) == 0
     assert [r["label_1"] for r in _read_csv(out)] == [truth[p] for p in paths]
     assert "backend onnxruntime -> onnxruntime" in capsys.readouterr().err
+
+
+def test_a_broken_link_in_a_folder_gets_a_row_and_exit_1(colour_setup, tmp_path, capsys):
+    import os
+
+    student, images, truth, bad = colour_setup
+    Path(bad).unlink()
+    link = images / "03b_moved.png"
+    os.symlink(tmp_path / "gone.png", link)  # its target was moved away
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(images), "--student", str(student), "--out", str(out), "--precision", "fp32"]) == 1
+    rows = {r["path"]: r for r in _read_csv(out)}
+    assert set(rows) == {*truth, str(link)} and rows[str(link)]["error"]
+    assert str(link) in capsys.readouterr().err

@@ -253,10 +253,27 @@ def _model_name(source: str) -> str:
 
 def expand_inputs(items: Sequence[str]) -> list[str]:
     """Command-line inputs -> image paths: folders are searched recursively (sorted), files kept as given
-    (a missing file stays in the list: it gets a row saying so)."""
-    from promptkd.data.benchmarks import list_images
+    (a missing file stays in the list: it gets a row saying so, as does a broken link inside a folder)."""
+    import warnings
 
-    return [p for item in items for p in (list_images(item) if Path(item).is_dir() else [str(item)])]
+    from promptkd.data.benchmarks import list_images
+    from promptkd.data.scan import IMAGE_EXTENSIONS, DanglingLinkWarning
+
+    out: list[str] = []
+    for item in items:
+        if not Path(item).is_dir():
+            out.append(str(item))
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found = list_images(item)
+        broken = [p for w in caught if isinstance(w.message, DanglingLinkWarning) for p in w.message.paths
+                  if Path(p).suffix.lower() in IMAGE_EXTENSIONS]
+        for w in caught:  # other notes (loops...) as they were
+            if not isinstance(w.message, DanglingLinkWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        out.extend(sorted([*found, *broken]))
+    return out
 
 
 def check_batch_from_files(spec: ImageSpec, paths: Sequence[str], limit: int = CHECK_IMAGES) -> torch.Tensor | None:
