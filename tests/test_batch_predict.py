@@ -204,3 +204,14 @@ def test_a_broken_link_in_a_folder_gets_a_row_and_exit_1(colour_setup, tmp_path,
     rows = {r["path"]: r for r in _read_csv(out)}
     assert set(rows) == {*truth, str(link)} and rows[str(link)]["error"]
     assert str(link) in capsys.readouterr().err
+
+
+def test_the_pixel_limit_is_named_as_predict_takes_it(colour_setup, tmp_path, capsys):
+    from deploy_models import colour_image
+
+    student, _, _, _ = colour_setup
+    big = colour_image(tmp_path / "wide.png", "green", size=(300, 200))
+    assert main(["predict", str(big), "--student", str(student), "--max-image-pixels", "50000"]) == 1
+    assert "over the limit of 50,000 (--max-image-pixels)" in capsys.readouterr().err
+    assert main(["predict", str(big), "--student", str(student), "--max-image-pixels", "60000", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["class_name"] == "green"

@@ -86,6 +86,18 @@ def test_multipart_and_base64_give_the_right_classes(predictor, tmp_path):
         assert len(r.json()["predictions"][0]["top"]) == 1
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with almost no pixel data: Pillow reads the size alone."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
 def test_bad_uploads_get_clear_4xx_and_the_server_keeps_serving(predictor, tmp_path):
     cfg = ServeConfig(max_upload_mb=0.05, max_images=2, max_pixels=100 * 100)
     good = [("files", ("red.png", _png("red", tmp_path), "image/png"))]
@@ -99,6 +111,8 @@ def test_bad_uploads_get_clear_4xx_and_the_server_keeps_serving(predictor, tmp_p
             (post(files=[("files", ("empty.png", b"", "image/png"))]), 400, "empty.png: empty upload"),
             (post(files=[("files", ("big.png", _png("red", tmp_path, size=(200, 120), noise=0), "image/png"))]), 413,
              "big.png: 200x120 = 24,000 pixels; the limit is 10,000 (--max-pixels)"),
+            (post(files=[("files", ("bomb.png", _png_header(30_000, 30_000), "image/png"))]), 413,
+             "bomb.png: 30000x30000 = 900,000,000 pixels; the limit is 10,000 (--max-pixels)"),  # past Pillow's own
             (post(files=good * 3), 413, "3 images in one request; the limit is 2"),
             (post(content=b"x" * 60_000, headers={"content-type": "application/octet-stream"}), 413,
              "request body too large"),

@@ -70,8 +70,8 @@ def _reason(exc: Exception, path: str) -> str:
     return text[len(path) + 2:] if text.startswith(path + ": ") else text
 
 
-def iter_predictions(predictor: Predictor, paths: Sequence[str], *, top_k: int = 5,
-                     batch_size: int = 32) -> Iterator[list[Row]]:
+def iter_predictions(predictor: Predictor, paths: Sequence[str], *, top_k: int = 5, batch_size: int = 32,
+                     max_pixels: int | None = None) -> Iterator[list[Row]]:
     """Rows for ``paths`` in order, one list per batch; unreadable files give rows with ``error``."""
     if top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")
@@ -86,7 +86,7 @@ def iter_predictions(predictor: Predictor, paths: Sequence[str], *, top_k: int =
                 row.error = "file not found" if not os.path.exists(row.path) else "not a file"
                 continue
             try:
-                images.append(decode_image(row.path))
+                images.append(decode_image(row.path, max_pixels=max_pixels, setting="--max-image-pixels"))
                 good.append(row)
             except ValueError as exc:
                 row.error = _reason(exc, row.path)
@@ -184,7 +184,7 @@ def _check_meta(out: Path, meta: dict) -> None:
 
 
 def predict_to_file(predictor: Predictor, paths: Sequence[str], out: str | os.PathLike, *, top_k: int = 5,
-                    batch_size: int = 32, progress: bool = True) -> Summary:
+                    batch_size: int = 32, progress: bool = True, max_pixels: int | None = None) -> Summary:
     """Append one row per path to ``out`` (CSV or JSON lines), skipping paths it already holds a
     prediction for; images whose earlier row is an error are tried again (their old row is dropped)."""
     out = Path(out)
@@ -209,7 +209,7 @@ def predict_to_file(predictor: Predictor, paths: Sequence[str], out: str | os.Pa
         with open(out, "a", encoding="utf-8", newline="") as f:
             if fmt == "csv" and f.tell() == 0:
                 f.write(",".join(csv_header(k)) + "\n")
-            for rows in iter_predictions(predictor, todo, top_k=k, batch_size=batch_size):
+            for rows in iter_predictions(predictor, todo, top_k=k, batch_size=batch_size, max_pixels=max_pixels):
                 text = "".join(_csv_line(r, k) if fmt == "csv" else json.dumps(r.to_json()) + "\n" for r in rows)
                 f.write(text)
                 f.flush()
@@ -246,14 +246,15 @@ def _count(summary: Summary, rows: list[Row]) -> None:
 
 
 def predict_rows(predictor: Predictor, paths: Sequence[str], *, top_k: int = 5, batch_size: int = 32,
-                 progress: bool = False) -> tuple[list[Row], Summary]:
+                 progress: bool = False, max_pixels: int | None = None) -> tuple[list[Row], Summary]:
     """All rows in memory (for printing), with the same summary as :func:`predict_to_file`."""
     summary = Summary(total=len(paths))
     rows: list[Row] = []
     start = time.perf_counter()
     bar = progress_bar(total=len(paths), desc="predict", unit="img", enabled=progress and bool(paths))
     try:
-        for batch in iter_predictions(predictor, [str(p) for p in paths], top_k=top_k, batch_size=batch_size):
+        for batch in iter_predictions(predictor, [str(p) for p in paths], top_k=top_k, batch_size=batch_size,
+                                      max_pixels=max_pixels):
             rows.extend(batch)
             _count(summary, batch)
             bar.update(len(batch))

@@ -63,7 +63,7 @@ def ort_session(path: str | os.PathLike, threads: int = 0):
 
 
 def decode_image(source: str | os.PathLike | bytes, name: str | None = None,
-                 max_pixels: int | None = None) -> Image.Image:
+                 max_pixels: int | None = None, setting: str = "data.max_image_pixels") -> Image.Image:
     """An 8-bit RGB image from a file path or from bytes, through the data loader's decoder
     (:func:`promptkd.data.decode.read_image`: 16-bit scaling, pixel limit, one-line errors).
 
@@ -74,7 +74,7 @@ def decode_image(source: str | os.PathLike | bytes, name: str | None = None,
     limit = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if not isinstance(source, bytes):
         try:
-            return read_image(source, max_pixels=limit)
+            return read_image(source, max_pixels=limit, setting=setting)
         except BadImageError as exc:
             raise ValueError(str(exc)) from exc
     import tempfile
@@ -85,7 +85,7 @@ def decode_image(source: str | os.PathLike | bytes, name: str | None = None,
         with open(path, "wb") as f:  # scratch file, removed with its folder
             f.write(source)
         try:
-            return read_image(path, max_pixels=limit)
+            return read_image(path, max_pixels=limit, setting=setting)
         except BadImageError as exc:
             raise ValueError(str(exc).replace(path, label)) from exc
 

@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="for a folder or bundle: auto (default) runs fp32 jobs of 256+ images on the CPU through "
                              "onnxruntime (exported on the fly; faster there, same outputs), else PyTorch")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: the library's choice)")
+    parser.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                        help="larger images get an error row (JPEGs are decoded smaller instead) (default: "
+                             "89,478,485, Pillow's limit)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     add_weights_options(parser)
@@ -76,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress and (args.out is not None or len(paths) > 4 * args.batch_size)
     if args.out:
         summary = predict_to_file(predictor, paths, args.out, top_k=args.top_k, batch_size=args.batch_size,
-                                  progress=progress)
+                                  progress=progress, max_pixels=args.max_image_pixels)
     else:
         rows, summary = predict_rows(predictor, paths, top_k=args.top_k, batch_size=args.batch_size,
-                                     progress=progress)
+                                     progress=progress, max_pixels=args.max_image_pixels)
         print(json.dumps([r.to_json() for r in rows], indent=2) if args.json else format_rows(rows))
     print(summary.line(), file=sys.stderr)
     if summary.errors:

@@ -63,6 +63,13 @@ def _open(path: str | os.PathLike) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = saved
 
 
+def image_size(source) -> tuple[int, int]:
+    """(width, height) from an image's header (a path or a file object), without decoding its pixels and
+    without Pillow's own decompression-bomb check (the caller applies its limit)."""
+    with _open(source) as img:
+        return img.size
+
+
 def _jpeg_reduction(size: tuple[int, int], max_pixels: int) -> int | None:
     """The smallest libjpeg scale-down (1, 2, 4, 8) whose output fits ``max_pixels``; None if none does."""
     w, h = size
@@ -72,12 +79,12 @@ def _jpeg_reduction(size: tuple[int, int], max_pixels: int) -> int | None:
     return None
 
 
-def _limit_pixels(img: Image.Image, path: str, max_pixels: int | None) -> None:
+def _limit_pixels(img: Image.Image, path: str, max_pixels: int | None, setting: str = "data.max_image_pixels") -> None:
     """Apply the pixel limit before anything is decoded: draft-reduce a JPEG, refuse anything else."""
     w, h = img.size
     if max_pixels is None or w * h <= max_pixels:
         return
-    what = f"{w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (data.max_image_pixels)"
+    what = f"{w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} ({setting})"
     if img.format != "JPEG":
         raise BadImageError(f"{path}: image too large: {what}; only JPEGs are reduced while decoding, "
                             "so downscale it or raise the limit")
@@ -110,16 +117,17 @@ def _to_rgb(img: Image.Image, path: str) -> Image.Image:
     return img if mode == "RGB" else img.convert("RGB")
 
 
-def read_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def read_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+               setting: str = "data.max_image_pixels") -> Image.Image:
     """Decode an image file to 8-bit RGB (16-bit data scaled, JPEGs over ``max_pixels`` reduced while
     decoding, other images over it refused; ``None``: no limit). Raises :class:`BadImageError` naming
-    the file on any failure."""
+    the file on any failure; ``setting`` is how the user raises the limit (named in that message)."""
     path = os.fspath(path)
     if max_pixels is not None and int(max_pixels) < 1:
         raise ValueError(f"max_pixels (data.max_image_pixels) must be a positive number of pixels, got {max_pixels}")
     try:
         with _open(path) as img:
-            _limit_pixels(img, path, max_pixels)
+            _limit_pixels(img, path, max_pixels, setting)
             img.load()
             return _to_rgb(img, path)
     except BadImageError:

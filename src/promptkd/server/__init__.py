@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from promptkd.data.decode import image_size
 from promptkd.runtime import Predictor, decode_image
 
 
@@ -295,10 +296,7 @@ def _decode_all(uploads: list[tuple[str, bytes]], cfg: ServeConfig, prepare) -> 
         if not data:
             raise RequestError(400, f"{name}: empty upload")
         try:
-            with Image.open(io.BytesIO(data)) as probe:  # header only: size before decoding pixels
-                width, height = probe.size
-        except Image.DecompressionBombError as exc:
-            raise RequestError(413, f"{name}: too many pixels ({exc})") from exc
+            width, height = image_size(io.BytesIO(data))  # header only: size before decoding pixels
         except Image.UnidentifiedImageError as exc:
             raise RequestError(400, f"{name}: not an image (Pillow does not recognise its format)") from exc
         except Exception as exc:
@@ -307,7 +305,7 @@ def _decode_all(uploads: list[tuple[str, bytes]], cfg: ServeConfig, prepare) -> 
             raise RequestError(413, f"{name}: {width}x{height} = {width * height:,} pixels; the limit is "
                                     f"{cfg.max_pixels:,} (--max-pixels)")
         try:
-            images.append(decode_image(data, name, max_pixels=cfg.max_pixels))
+            images.append(decode_image(data, name, max_pixels=cfg.max_pixels, setting="--max-pixels"))
         except ValueError as exc:
             raise RequestError(400, str(exc)) from exc
     return prepare(images)
