@@ -150,6 +150,7 @@ def test_precision_auto_checks_bf16_on_the_test_images(setup, monkeypatch, capsy
 
     root, _, _ = setup
     monkeypatch.setattr(prec, "native_bf16", lambda device="cpu", cpuinfo=None: (native, "faked for the test"))
+    monkeypatch.setattr(prec, "MIN_CHECK_IMAGES", 8)  # the fixture has 15 test images (the real rule: 32)
     out = root / "runs" / f"auto_{native}"
     assert main(["evaluate", "--model", "student", "--artefact", str(root / "student"), "--data-root",
                  str(root / "data"), "--dataset", "Caltech101", "--protocol", "base2novel", "--out", str(out),

@@ -79,6 +79,9 @@ def test_predict_cli_auto_follows_the_cpu(tmp_path, monkeypatch, capsys):
     student = save_colour_student(tmp_path / "student")
     image = str(colour_image(tmp_path / "red.png", "red"))
     real = prec.native_bf16
+    assert main(["predict", image, "--student", str(student), "--json"]) == 0  # 1 image proves nothing about bf16
+    assert "auto -> bf16" not in capsys.readouterr().err
+    monkeypatch.setattr(prec, "MIN_CHECK_IMAGES", 1)  # the rule itself, on one image
     for text, expected in ((WITHOUT, "auto -> fp32: the CPU has no native bf16"),
                            (WITH_BF16, "auto -> bf16: the CPU has avx512_bf16; top-1 agreement with fp32 100.0%")):
         path = tmp_path / "cpuinfo"
@@ -164,3 +167,14 @@ def test_serving_auto_without_real_check_images_stays_fp32(tmp_path, monkeypatch
     monkeypatch.setattr(prec, "native_bf16", lambda device="cpu", cpuinfo=None, _p=path: real(device, _p))
     served = load_predictor(student, precision="auto", backend="torch")  # a server: no images to check on
     assert served.info.precision == "fp32" and "none were given" in " ".join(served.info.notes)
+
+
+def test_auto_needs_enough_check_images_to_choose_bf16(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(WITH_BF16)
+    logits = torch.randn(prec.MIN_CHECK_IMAGES, 5)
+    few = prec.resolve_precision("auto", check=lambda p: logits[:10], cpuinfo=cpuinfo)
+    assert few.precision == "fp32" and f"only 10 image(s) to check bf16 against fp32 (it needs {prec.MIN_CHECK_IMAGES})" \
+        in few.reason
+    enough = prec.resolve_precision("auto", check=lambda p: logits, cpuinfo=cpuinfo)
+    assert enough.precision == "bf16" and "100.0%" in enough.reason

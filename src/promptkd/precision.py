@@ -21,6 +21,7 @@ import torch
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 MIN_AGREEMENT = 0.995
+MIN_CHECK_IMAGES = 32  # fewer check images than this: fp32 (at 32, bf16 must agree on every one)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,11 @@ def resolve_precision(requested: str, *, device: str | torch.device = "cpu",
     if check is None:
         return PrecisionChoice("fp32", f"auto -> fp32: {why}, but no check batch to compare bf16 with fp32")
     with torch.no_grad():
-        agreement = top1_agreement(check("fp32").float(), check("bf16").float())
+        reference = check("fp32").float()
+        if reference.shape[0] < MIN_CHECK_IMAGES:  # a handful of agreeing images proves nothing
+            return PrecisionChoice("fp32", f"auto -> fp32: {why}, but only {reference.shape[0]} image(s) to check bf16 "
+                                           f"against fp32 (it needs {MIN_CHECK_IMAGES})")
+        agreement = top1_agreement(reference, check("bf16").float())
     if agreement >= min_agreement:
         return PrecisionChoice("bf16", f"auto -> bf16: {why}; top-1 agreement with fp32 {100 * agreement:.1f}% "
                                        f"on the check batch", agreement)
