@@ -87,6 +87,7 @@ def test_int8_export_stays_close_to_fp32_pytorch(clip_student, tmp_path, capsys,
     props = {p.key: p.value for p in model.metadata_props}
     record = json.loads(props["promptkd.quantization"])
     assert record["mode"] == ("static" if calibrate else "dynamic")
+    assert record.get("calibration_source", "") == (calib.name if calibrate else "")  # a name, not a path
     assert json.loads(props["promptkd.class_names"]) == [f"class {i}" for i in range(6)]
     ops = {n.op_type for n in model.graph.node}
     assert ops & {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul"}  # really int8

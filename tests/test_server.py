@@ -48,6 +48,7 @@ def test_health_classes_docs_and_page(predictor):
         assert health["status"] == "ok" and health["model"]["name"] == "student"
         assert health["model"]["num_classes"] == 3 and health["model"]["backend"] == "torch"
         assert health["model"]["identity"]["backbone"] == {"kind": "colour"}
+        assert '"/' not in json.dumps(health), health  # no folder of this machine leaks to the network
         assert client.get("/classes").json() == {"num_classes": 3, "classes": [
             {"label": i, "class_name": n} for i, n in enumerate(CLASSES)]}
         spec = client.get("/openapi.json").json()

@@ -132,7 +132,9 @@ def quantize_onnx(fp32_path: str | os.PathLike, out: str | os.PathLike, settings
             if reader.images == 0:
                 raise ValueError(f"no calibration images were read from {calibration_source or 'the calibration set'}")
             record.update(format=settings.quant_format, calibration_method=settings.calibration_method,
-                          calibration_images=reader.images, calibration_source=calibration_source)
+                          calibration_images=reader.images,
+                          # the set's name only: the file travels, and this machine's folders are not its business
+                          calibration_source=Path(calibration_source).name or calibration_source)
         quantized = _int8_nodes(raw)
         if quantized == 0:
             raise ValueError(f"{name or fp32_path}: {settings.mode} int8 found nothing to quantise in this student "

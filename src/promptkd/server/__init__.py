@@ -23,6 +23,7 @@ import asyncio
 import base64
 import binascii
 import io
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -153,6 +154,18 @@ class Batcher:
             start += n
 
 
+def without_local_paths(value):
+    """``value`` with every absolute file path cut to its last part: /health may face a network, and the
+    folders of the machine that serves are not its business."""
+    if isinstance(value, dict):
+        return {k: without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and "\n" not in value:
+        return os.path.basename(value.rstrip("/")) or value
+    return value
+
+
 def page_html() -> str:
     return resources.files("promptkd.server").joinpath("page.html").read_text(encoding="utf-8")
 
@@ -191,7 +204,7 @@ def create_app(predictor: Predictor, cfg: ServeConfig | None = None):
 
     @app.get("/health", summary="Server status and the model's identity")
     async def health() -> dict:
-        return {"status": "ok", "model": info.to_json(), "uptime_s": round(time.time() - started, 1),
+        return {"status": "ok", "model": without_local_paths(info.to_json()), "uptime_s": round(time.time() - started, 1),
                 "served": {"forward_passes": batcher.passes, "images": batcher.images},
                 "limits": asdict(cfg)}
 
