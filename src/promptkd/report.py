@@ -344,6 +344,10 @@ def base_to_novel_table(records: Iterable[Record], seeds: Sequence[int] | None =
     plot: dict[str, dict[str, tuple[float, float | None]]] = {}
     out = io.StringIO()
     out.write(f"## Base-to-novel (seeds {', '.join(map(str, expected))}; mean ± std over seeds)\n\n")
+    out.write("Base and Novel: mean accuracy (%) over seeds, ± the sample std of the per-seed values. HM: the "
+              "harmonic mean of the mean Base and mean Novel (as the paper), ± the std of the per-seed HMs. "
+              "Average rows: mean Base and mean Novel over the datasets, their HM; the paper's Average over "
+              "fewer than its 11 datasets is recomputed from its per-dataset numbers.\n\n")
 
     # overview: HM per dataset for every model kind, and the paper's PromptKD
     header = ["Dataset"] + [f"{m} HM" for m in models] + ["paper PromptKD HM"]
