@@ -7,7 +7,6 @@ Both only parse arguments: :func:`promptkd.stages.train_teacher` and
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from promptkd.cli.common import add_run_options, preset_note, settings_help
 
@@ -61,20 +60,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from promptkd.methods.teacher_io import convert_dassl_teacher, read_class_names
+    from promptkd.methods.teacher_io import conversion_summary, convert_dassl_teacher, read_class_names
 
     names = read_class_names(args.class_names) if args.class_names else None
     out = convert_dassl_teacher(args.src, args.clip_weights, args.out, trust_checkpoint=args.trust_checkpoint,
                                 class_names=names)
-    import json
-
-    from promptkd import artifacts
-
-    meta = json.loads((Path(out) / artifacts.META).read_text())
-    source = (meta.get("config") or {}).get("converted_from") or {}
-    print(f"convert-teacher: wrote {out} from {source.get('source') or args.src} "
-          f"(selection {meta.get('selection')}: {SELECTIONS.get(meta.get('selection'), 'the epoch that file holds')})")
+    print(f"convert-teacher: {conversion_summary(out)}")
     return 0
-
-
-SELECTIONS = {"authors_best_on_test": "the authors' epoch best on the base test set, model-best.pth.tar"}

@@ -196,6 +196,21 @@ def convert_dassl_teacher(src: str | Path, weights: str | Path, out_dir: str | P
                                   config=config, extra={"selection": selection})
 
 
+AUTHORS_SELECTIONS = {"authors_best_on_test": "the authors' epoch best on the base test set, model-best.pth.tar"}
+
+
+def conversion_summary(out: str | Path) -> str:
+    """One line on a converted teacher: where it is, which file it came from and how that epoch was chosen."""
+    from promptkd import artifacts
+    from promptkd.fileio import read_json
+
+    meta = read_json(Path(out) / artifacts.META, "teacher artefact")
+    source = (meta.get("config") or {}).get("converted_from") or {}
+    rule = meta.get("selection")
+    return (f"wrote {out} from {source.get('source', '?')} (selection {rule}: "
+            f"{AUTHORS_SELECTIONS.get(rule, 'the epoch that file holds')})")
+
+
 # --- class vectors -------------------------------------------------------------------------------------
 
 
