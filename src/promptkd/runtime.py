@@ -301,9 +301,10 @@ def load_predictor(path: str | os.PathLike, *, precision: str = "auto", device: 
 
     ``precision`` (``auto`` | ``fp32`` | ``bf16``) applies to PyTorch models and is resolved by
     :func:`promptkd.precision.resolve_precision` on ``check_images``, else the first ``check_limit``
-    readable ``check_paths``; with no real image to check on, ``auto`` stays fp32. (A check of n images rejects bf16 only when it sees a
-    disagreement: 200+ images make the 99.5% rule meaningful, at the cost of two passes over them.) An ONNX file runs at the precision it was exported with
-    (fp32 or int8); ``bf16`` is refused for it.
+    readable ``check_paths``; with fewer than :data:`promptkd.precision.MIN_CHECK_IMAGES` real images to
+    check on, ``auto`` stays fp32 (a check of n images rejects bf16 only when it sees a disagreement: 200+
+    images make the 99.5% rule meaningful, at the cost of two passes over them). An ONNX file runs at the
+    precision it was exported with (fp32 or int8); ``bf16`` is refused for it.
 
     ``backend`` for a folder or bundle (``None``: PyTorch; an ONNX file always runs on onnxruntime):
     ``torch``, ``onnxruntime`` (exported to fp32 ONNX in memory first,
