@@ -218,3 +218,43 @@ def test_transform_errors_name_the_file(bench):
 
     with pytest.raises(RuntimeError, match=f"{bench.train[2].path}: transform failed.*size mismatch"):
         LabelledImages(bench.train, broken)[2]
+
+
+@pytest.mark.parametrize("n, world, drop_last", [(32, 2, False), (30, 4, False), (30, 4, True)])
+def test_ranks_split_the_single_process_permutation(n, world, drop_last):
+    """Each step over all ranks holds the images of one single-process step with the batch x world (so a
+    DDP run trains on the same global batches as one process), every epoch, padded like DistributedSampler."""
+    from promptkd.data.loader import SeededShuffle
+
+    batch = 2
+    for epoch in range(3):
+        one = SeededShuffle(n, seed=5)
+        one.set_epoch(epoch)
+        order = list(one)
+        ranks = [SeededShuffle(n, 5, r, world, drop_last) for r in range(world)]
+        for r in ranks:
+            r.set_epoch(epoch)
+        per_rank = [list(r) for r in ranks]
+        assert len({len(p) for p in per_rank}) == 1 and len(per_rank[0]) == len(ranks[0])
+        total = len(per_rank[0]) * world
+        assert total == (n - n % world if drop_last else -(-n // world) * world)
+        for step in range(len(per_rank[0]) // batch):
+            union = sorted(i for p in per_rank for i in p[step * batch:(step + 1) * batch])
+            padded = (order * 2)[:total]
+            assert union == sorted(padded[step * batch * world:(step + 1) * batch * world]), (epoch, step)
+        covered = {i for p in per_rank for i in p}
+        assert covered == set(order[:total]) if drop_last else covered == set(range(n))
+
+
+def test_make_loader_uses_the_shared_permutation_for_any_number_of_processes():
+    from promptkd.data.loader import make_loader
+
+    data = list(range(24))  # any map-style dataset
+    single = make_loader(data, 8, shuffle=True, seed=3)
+    single.set_epoch(1)
+    first = next(iter(single))
+    ranks = [make_loader(data, 4, shuffle=True, seed=3, distributed=(r, 2)) for r in range(2)]
+    for loader in ranks:
+        loader.set_epoch(1)
+    together = torch.cat([next(iter(loader)) for loader in ranks])
+    assert sorted(together.tolist()) == sorted(first.tolist())

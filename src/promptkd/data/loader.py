@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from promptkd.data.decode import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, read_image
 
@@ -200,20 +200,29 @@ class UnlabelledImages(_ImageDataset):
 
 
 class SeededShuffle(Sampler[int]):
-    """A permutation per epoch from ``(seed, epoch)``: independent of the global RNG, resumable."""
+    """A permutation per epoch from ``(seed, epoch)``: independent of the global RNG, resumable.
 
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
+    With ``world`` processes, rank ``r`` takes positions r, r+w, ... of that same permutation (padded with
+    its first items to a multiple of ``w``, or cut to one with ``drop_last``, as ``DistributedSampler``), so
+    the images of one step over all ranks are those of one single-process step with the batch x ``w``."""
+
+    def __init__(self, n: int, seed: int = 0, rank: int = 0, world: int = 1, drop_last: bool = False):
+        self.n, self.seed, self.epoch, self.rank, self.world = n, seed, 0, rank, world
+        self.total = (n - n % world if drop_last else -(-n // world) * world) if world > 1 else n
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.world == 1:
+            return iter(order)
+        order = (order * (-(-self.total // max(1, self.n))))[: self.total]
+        return iter(order[self.rank : self.total : self.world])
 
     def __len__(self) -> int:
-        return self.n
+        return self.total // self.world
 
 
 class ShardSampler(Sampler[int]):
@@ -297,19 +306,16 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_wo
     map-style dataset works too; it gets ``set_epoch`` calls if it has that method).
 
     ``distributed`` is None, ``(rank, world_size)``, a dict or an object with ``rank``/``world_size``.
-    Training (``shuffle=True``) uses ``DistributedSampler`` (same permutation on all ranks for an
-    epoch, padded to equal length); evaluation (``shuffle=False``) gives rank r the samples r, r+w, ...
+    Training (``shuffle=True``) uses :class:`SeededShuffle` (one permutation per epoch, split over the
+    ranks: the same images per step whatever the number of processes); evaluation (``shuffle=False``) gives rank r the samples r, r+w, ...
     with no padding, so gathering every rank's predictions counts each sample once. Call
     ``loader.set_epoch(epoch)`` before each epoch (``start_batch`` to resume mid-epoch)."""
     rank, world = _rank_world(distributed)
     n = len(dataset)
-    if world > 1 and shuffle:
-        base: Sampler[int] = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                                drop_last=drop_last)
+    if shuffle:
+        base: Sampler[int] = SeededShuffle(n, seed, rank, world, drop_last)
     elif world > 1:
         base = ShardSampler(n, rank, world)
-    elif shuffle:
-        base = SeededShuffle(n, seed)
     else:
         base = range(n)  # type: ignore[assignment]
     sampler = EpochTagged(base, dataset)
