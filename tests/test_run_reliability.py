@@ -262,3 +262,44 @@ def test_a_write_that_fails_midway_is_one_line_and_leaves_no_partial_file(world,
     assert f"{out / 'checkpoints' / 'last.pt'}: cannot write" in done.stderr
     assert "file too large" in done.stderr
     assert not list(out.rglob("*.tmp*"))  # the partial checkpoint is gone
+
+
+def test_the_seed_comes_from_seed_or_set_and_a_resume_applies_a_changed_momentum(tmp_path):
+    from promptkd.stages.distillation import DistillSettings
+    from promptkd.stages.run_folder import RunFolder, RunFolderError, resolve_settings
+
+    folder = RunFolder(tmp_path / "run", command="t")
+    preset = "distill/base2novel/dtd"
+    assert resolve_settings(DistillSettings, folder, preset, ["train.seed=7"], None)[0]["train"]["seed"] == 7
+    assert resolve_settings(DistillSettings, folder, preset, [], 3)[0]["train"]["seed"] == 3
+    assert resolve_settings(DistillSettings, folder, preset, [], None)[0]["train"]["seed"] == 1
+    with pytest.raises(RunFolderError, match=r"--seed 3 and --set train.seed=7 disagree"):
+        resolve_settings(DistillSettings, folder, preset, ["train.seed=7"], 3)
+
+    import torch
+
+    from promptkd.engine.loop import LoopConfig, fit
+    from test_loop_training import ToyData, ToyMethod
+
+    cfg = LoopConfig(epochs=2, batch_size=4, lr=0.1, warmup_epochs=0, num_workers=0, log_every=1, precision="fp32",
+                     max_steps=2)
+    torch.manual_seed(0)
+    fit(ToyMethod(), ToyData(), cfg, tmp_path / "fit")
+    seen = []
+    method = ToyMethod()
+    resumed = LoopConfig(**{**cfg.as_dict(), "max_steps": None, "momentum": 0.0, "weight_decay": 0.5})
+    import promptkd.engine.loop as loop_module
+
+    real_sgd = torch.optim.SGD
+
+    class Recording(real_sgd):
+        def step(self, *a, **k):
+            seen.append({(g["momentum"], g["weight_decay"]) for g in self.param_groups})
+            return super().step(*a, **k)
+
+    loop_module.torch.optim.SGD = Recording
+    try:
+        fit(method, ToyData(), resumed, tmp_path / "fit", resume=True)
+    finally:
+        loop_module.torch.optim.SGD = real_sgd
+    assert seen and all(s == {(0.0, 0.5)} for s in seen)

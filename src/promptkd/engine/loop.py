@@ -436,6 +436,8 @@ def _fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: Pa
                              + " (use a new output folder)")
         load_trainable_state(module, ckpt["trainable"], str(ckpt_path))
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # a schedule changed on --resume applies (the lr: every epoch)
+            group["momentum"], group["weight_decay"] = cfg.momentum, cfg.weight_decay
         if use_scaler and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if hasattr(module, "load_state_dict_extra") and ckpt.get("extra") is not None:

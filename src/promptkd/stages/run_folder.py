@@ -192,7 +192,7 @@ def _read_holder(fd: int) -> dict:
 def resolve_settings(schema: type, folder: RunFolder, preset: str | None, overrides: Iterable[str] | Mapping,
                      seed: int | None, *, exclude: Iterable[str] = (), where: str = "config"
                      ) -> tuple[dict, list[str]]:
-    """``(settings, schedule_changes)``: fresh: defaults <- preset <- overrides <- seed (default 1);
+    """``(settings, schedule_changes)``: fresh: defaults <- preset <- overrides <- ``seed`` (--seed, if given);
     resumed: the saved config.yaml <- overrides, refused if a setting outside RESUMABLE/SCHEDULE differs."""
     overrides = dict(overrides) if isinstance(overrides, Mapping) else list(overrides)
     saved_path = folder.path / "config.yaml"
@@ -211,7 +211,11 @@ def resolve_settings(schema: type, folder: RunFolder, preset: str | None, overri
         changes = [c for c in cfgmod.differences(base, merged) if c.split(":")[0] in SCHEDULE]
         return merged, changes
     settings = cfgmod.build(schema, preset, overrides, exclude=exclude, where=where)
-    settings["train"]["seed"] = 1 if seed is None else int(seed)
+    if seed is not None:  # --seed; without it, the config's train.seed (default 1, or --set train.seed=N)
+        said = (cfgmod.parse_overrides(overrides).get("train") or {}).get("seed")
+        if said is not None and int(said) != int(seed):
+            raise RunFolderError(f"--seed {seed} and --set train.seed={said} disagree: give the seed once")
+        settings["train"]["seed"] = int(seed)
     return settings, []
 
 
