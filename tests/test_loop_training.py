@@ -201,3 +201,17 @@ def test_config_round_trip_and_bad_settings():
 def test_bf16_autocast_runs_on_cpu(tmp_path):
     out = fit(ToyMethod(), ToyData(n=16), cfg(epochs=1, warmup_epochs=0, precision="bf16"), tmp_path)
     assert out["completed"] and math.isfinite(out["last"]["loss"])
+
+
+def test_log_after_a_resume_has_each_step_once(tmp_path):
+    """Steps after the last checkpoint are replayed on resume: their first records are dropped."""
+    victim = ToyMethod(crash_at_call=10)  # killed in step 10; the last checkpoint is after step 8
+    with pytest.raises(KeyboardInterrupt):
+        fit(victim, ToyData(), cfg(checkpoint_every_steps=4, log_every=1), tmp_path / "run")
+    before = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in before if r["type"] == "step"] == list(range(1, 10))
+    fit(ToyMethod(), ToyData(), cfg(checkpoint_every_steps=4, log_every=1), tmp_path / "run")
+    records = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in records if r["type"] == "step"] == list(range(1, 19))
+    assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1, 2, 3]
+    assert [r["dropped_records"] for r in records if r["type"] == "resume"] == [1]

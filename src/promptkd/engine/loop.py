@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from promptkd.config import spec, validate_instance
 from promptkd.engine import distributed as D
-from promptkd.fileio import OutputError, atomic_writer, describe_os_error
+from promptkd.fileio import OutputError, atomic_write, atomic_writer, describe_os_error
 
 CHECKPOINT_FORMAT = "promptkd.loop_checkpoint.v1"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -318,6 +318,28 @@ class RunLog:
                         self.tb.add_scalar(f"{kind}/{key}", value, step)
                 self.tb.flush()
 
+    def drop_after(self, global_step: int) -> int:
+        """On resume: remove the step and epoch records past ``global_step`` (the checkpoint's), which the
+        resumed run logs again; returns how many were removed."""
+        path = self.out_dir / "log.jsonl"
+        if not self.enabled or not path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                dropped += 1
+                continue
+            step = record.get("global_step", record.get("steps"))
+            if record.get("type") in ("step", "epoch") and step is not None and int(step) > global_step:
+                dropped += 1
+                continue
+            kept.append(line + "\n")
+        if dropped:
+            atomic_write(path, "".join(kept))
+        return dropped
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -448,8 +470,9 @@ def _fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: Pa
             sums, n_steps = dict(ckpt.get("epoch_sums") or {}), int(ckpt.get("epoch_steps") or 0)
         rngs = ckpt["rng"]
         set_rng_state(rngs[D.rank()] if D.rank() < len(rngs) else rngs[0])
+        replayed = log.drop_after(global_step)
         log.write({"type": "resume", "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                   "time": time.time()})
+                   "dropped_records": replayed, "time": time.time()})
 
     def checkpoint() -> None:
         rngs = D.all_gather_object(rng_state())
