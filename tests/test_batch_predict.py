@@ -165,8 +165,8 @@ def test_onnx_and_torch_agree_through_the_predictor_interface(colour_setup, tmp_
     onnx_pred = OnnxPredictor(export_onnx(load_student(student), tmp_path / "s.onnx", output="logits"))
     assert onnx_pred.class_names == torch_pred.class_names == CLASSES
     assert onnx_pred.info.backend == "onnxruntime" and onnx_pred.info.precision == "fp32"
-    x = torch.randn(5, 3, 32, 32)
-    np.testing.assert_allclose(onnx_pred.probabilities(x), torch_pred.probabilities(x), atol=1e-5)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(onnx_pred.probabilities(x), torch_pred.probabilities(x), rtol=1e-4, atol=1e-5)
 
 
 def test_backend_auto_uses_onnxruntime_for_long_fp32_jobs_with_the_same_answers(colour_setup, tmp_path, capsys):
