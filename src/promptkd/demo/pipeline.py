@@ -229,6 +229,10 @@ def load_models(cfg: DemoConfig, cache_dir: Path | None):
 DEMO_ENTRIES = ("results.json", "results.md", "results.png", "samples", "student", "teacher", "zeroshot_student",
                 "zeroshot_teacher")
 REPORT_ENTRIES = ("report.md", "report.csv")
+
+
+def _is_report(name: str) -> bool:
+    return name in REPORT_ENTRIES or (name.startswith("report_") and name.endswith(".png"))
 # settings that do not change the demo's numbers
 NOT_RESULT_SETTINGS = ("out_dir", "data_root", "cache_dir", "threads", "progress")
 
@@ -247,8 +251,7 @@ def prepare_out_dir(cfg: DemoConfig, overwrite: bool = False) -> str | None:
     entries = sorted(e.name for e in out.iterdir())
     if not entries:
         return None
-    own = set(DEMO_ENTRIES) | set(REPORT_ENTRIES)
-    foreign = [n for n in entries if n not in own and not (n.startswith("report_") and n.endswith(".png"))]
+    foreign = [n for n in entries if n not in DEMO_ENTRIES and not _is_report(n)]
     note = None
     if foreign and not overwrite:
         raise ValueError(f"{out} holds files the demo does not write ({', '.join(foreign[:5])}); use another --out "
@@ -270,9 +273,8 @@ def prepare_out_dir(cfg: DemoConfig, overwrite: bool = False) -> str | None:
             note = f"replacing the demo run in {out} (--overwrite)"
         else:
             note = f"redoing the demo run in {out} (same settings)"
-    for name in entries:
-        if name in REPORT_ENTRIES or (name.startswith("report_") and name.endswith(".png")):
-            (out / name).unlink()
+    for name in filter(_is_report, entries):
+        (out / name).unlink()
     return note
 
 
