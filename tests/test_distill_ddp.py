@@ -36,11 +36,11 @@ def models():
     return TinyTeacher(), TinyStudent(projector="linear")
 
 
-def run(out_dir: str, batch_size: int, grad_accum: int = 1) -> None:
+def run(out_dir: str, batch_size: int, grad_accum: int = 1, checkpoint_every_steps: int = 0) -> None:
     teacher, student = models()
     module = DistillModule(teacher, student, build_store(teacher, CLASSES), kd_weight=1000.0)
     cfg = LoopConfig(epochs=2, batch_size=batch_size, grad_accum=grad_accum, lr=0.05, warmup_epochs=0,
-                     num_workers=0, seed=4, max_steps=STEPS, log_every=1)
+                     num_workers=0, seed=4, max_steps=STEPS, log_every=1, checkpoint_every_steps=checkpoint_every_steps)
     fit(module, Images(32, 2), cfg, out_dir)
 
 
@@ -64,7 +64,37 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
         torch.testing.assert_close(ddp["trainable"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_at_once(tmp_path):
+    """Disk full on rank 0: every rank stops at that checkpoint with the reason (with NCCL, a rank left
+    waiting at the next collective would hang until its timeout)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONFAULTHANDLER": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           __file__, str(tmp_path / "ddp"), "disk-full"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "No space left on device" in proc.stderr  # rank 0's own error
+    assert "rank 0 could not write the checkpoint" in proc.stderr and "this rank stops too" in proc.stderr, \
+        proc.stderr[-4000:]
+    assert "Connection closed by peer" not in proc.stderr
+
+
 if __name__ == "__main__":
     with distributed_session():  # the stages' own join/barrier/leave
         assert distributed.world_size() == 2
-        run(sys.argv[1], batch_size=2, grad_accum=2)
+        if sys.argv[2:] == ["disk-full"]:
+            import errno
+
+            from promptkd.engine import loop
+
+            real, calls = loop.save_checkpoint, []
+
+            def full_on_rank_0(path, payload):
+                calls.append(1)
+                if distributed.rank() == 0 and len(calls) == 2:
+                    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+                real(path, payload)
+
+            loop.save_checkpoint = full_on_rank_0
+            run(sys.argv[1], batch_size=2, grad_accum=2, checkpoint_every_steps=1)
+        else:
+            run(sys.argv[1], batch_size=2, grad_accum=2)

@@ -476,17 +476,30 @@ def _fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: Pa
 
     def checkpoint() -> None:
         rngs = D.all_gather_object(rng_state())
+        failure = None
         if main:
-            save_checkpoint(ckpt_path, {
-                "format": CHECKPOINT_FORMAT, "trainable": trainable_state(module),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if use_scaler else None,
-                "scheduler": {"name": f"constant_warmup+{cfg.scheduler}", "epoch": epoch,
-                              "lr": optimizer.param_groups[0]["lr"]},
-                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                "rng": rngs, "history": history, "config": run_cfg, "epoch_sums": dict(sums), "epoch_steps": n_steps,
-                "extra": module.state_dict_extra() if hasattr(module, "state_dict_extra") else None,
-            })
-        D.barrier()
+            try:
+                write_checkpoint(rngs)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+                failure = exc
+        # every rank learns whether the write worked and stops with rank 0, instead of waiting at the next
+        # collective for a rank that is gone (NCCL would wait out its timeout)
+        failed = D.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        if failed:
+            raise RuntimeError(f"rank 0 could not write the checkpoint {ckpt_path} ({failed}); this rank stops too")
+
+    def write_checkpoint(rngs: list) -> None:
+        save_checkpoint(ckpt_path, {
+            "format": CHECKPOINT_FORMAT, "trainable": trainable_state(module),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if use_scaler else None,
+            "scheduler": {"name": f"constant_warmup+{cfg.scheduler}", "epoch": epoch,
+                          "lr": optimizer.param_groups[0]["lr"]},
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "rng": rngs, "history": history, "config": run_cfg, "epoch_sums": dict(sums), "epoch_steps": n_steps,
+            "extra": module.state_dict_extra() if hasattr(module, "state_dict_extra") else None,
+        })
 
     if main:
         log.write({"type": "start", "config": run_cfg, "steps_per_epoch": steps_per_epoch,
