@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -487,8 +488,9 @@ def _fit(module: nn.Module, train_dataset: Dataset, cfg: LoopConfig, out_dir: Pa
         failed = D.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
         if failure is not None:
             raise failure
-        if failed:
-            raise RuntimeError(f"rank 0 could not write the checkpoint {ckpt_path} ({failed}); this rank stops too")
+        if failed:  # an OSError, so that the CLI says it in one line on this rank too
+            raise OutputError(errno.EIO, f"rank 0 could not write the checkpoint {ckpt_path} ({failed}); "
+                                         "this rank stops too")
 
     def write_checkpoint(rngs: list) -> None:
         save_checkpoint(ckpt_path, {
