@@ -22,7 +22,7 @@ import io
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,16 +263,22 @@ def uses_test_labels(selection: str) -> bool:
     return "test" in selection.lower()
 
 
+def _rule_counts(cells: Iterable[Cell], rule_of: Callable[[Record], str]) -> dict[str, dict[str, int]]:
+    """{row label: {rule: runs}} over the cells' records (records whose rule is "" are not counted)."""
+    by_model: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for c in cells:
+        for r in c.records:
+            if rule := rule_of(r):
+                by_model[c.model][rule] += 1
+    return by_model
+
+
 def _selection_notes(cells: Iterable[Cell], protocol: str) -> list[str]:
     """Flag (a) one model kind whose runs were selected by different rules (they are averaged together),
     (b) a table where some models were selected on test labels and others not. Different label-free
     rules of different model kinds (teacher: GPA aggregate, student: last epoch) are the normal pipeline:
     each section header names its rule."""
-    by_model: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for c in cells:
-        for r in c.records:
-            if r.selection not in NO_SELECTION:
-                by_model[c.model][r.selection] += 1
+    by_model = _rule_counts(cells, lambda r: r.selection if r.selection not in NO_SELECTION else "")
     within = sorted(m for m, v in by_model.items() if len(v) > 1)
     kinds = {uses_test_labels(sel) for v in by_model.values() for sel in v}
     if not within and len(kinds) <= 1:
@@ -292,11 +298,7 @@ def _selection_notes(cells: Iterable[Cell], protocol: str) -> list[str]:
 def _teacher_notes(cells: Iterable[Cell], protocol: str) -> list[str]:
     """Flag one model kind whose runs come from teachers chosen by different rules (e.g. our GPA teacher
     and the authors' test-selected model-best.pth.tar): they are averaged together."""
-    by_model: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for c in cells:
-        for r in c.records:
-            if r.teacher_rule:
-                by_model[c.model][r.teacher_rule] += 1
+    by_model = _rule_counts(cells, lambda r: r.teacher_rule)
     mixed = {m: v for m, v in by_model.items() if len(v) > 1}
     return [f"**{m} rows of this {protocol} table come from teachers chosen by different rules** ("
             + ", ".join(f"{rule}: {n} run{'s' * (n > 1)}" for rule, n in sorted(v.items()))

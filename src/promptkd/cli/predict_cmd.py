@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                         help="auto (default): bf16 where the CPU/GPU computes it natively and it agrees with fp32 "
-                             "on the first batch (>= 99.5%% top-1), else fp32. ONNX files run as exported")
+                             "on the first 32+ images (>= 99.5%% top-1), else fp32. ONNX files run as exported")
     parser.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
                         help="for a folder or bundle: auto (default) runs fp32 jobs of 256+ images on the CPU through "
                              "onnxruntime (exported on the fly; faster there, same outputs), else PyTorch")
